@@ -1,0 +1,45 @@
+"""steering_opt: find, apply, save and evaluate steering vectors for HuggingFace language models.
+
+Quick start::
+
+    import steering_opt
+    model, tok = steering_opt.load_model()             # embedded SmolLM2-135M-Instruct
+    dp = steering_opt.TrainingDatapoint(prompt, src_completions=[en], dst_completions=[es])
+    vector, info = steering_opt.optimize_vector(model, [dp], 10, tokenizer=tok, max_iters=20, lr=0.1)
+    with steering_opt.hf_hooks_contextmanager(model, [(10, steering_opt.make_steering_hook_hf(vector))]):
+        model.generate(...)
+"""
+
+from .arch import SITES, get_blocks, get_site_module, hidden_size, num_layers, resolve_layer
+from .data import TrainingDatapoint
+from .engine import Objective
+from .hooks import frozen_model, hf_hooks_contextmanager, make_abl_mat, make_steering_hook_hf, steer
+from .models import load_model, load_tokenizer
+from .optimize import optimize_vector, optimize_vector_minibatch_hf, optimize_vectors
+from .sampling import get_completion_logprob, get_completion_logprob_hf, sample_most_likely_completions_hf
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "SITES",
+    "Objective",
+    "TrainingDatapoint",
+    "frozen_model",
+    "get_blocks",
+    "get_completion_logprob",
+    "get_completion_logprob_hf",
+    "get_site_module",
+    "hf_hooks_contextmanager",
+    "hidden_size",
+    "load_model",
+    "load_tokenizer",
+    "make_abl_mat",
+    "make_steering_hook_hf",
+    "num_layers",
+    "optimize_vector",
+    "optimize_vector_minibatch_hf",
+    "optimize_vectors",
+    "resolve_layer",
+    "sample_most_likely_completions_hf",
+    "steer",
+]

@@ -1,0 +1,200 @@
+"""Training datapoints and their tokenisation (done once, up front).
+
+A :class:`TrainingDatapoint` is one prompt with completions to promote (``dst_completions``) and
+completions to suppress (``src_completions``). :func:`tokenize_datapoints` turns a list of them into
+flat :class:`Sequence` records, one per (datapoint, completion), which both engines consume.
+
+Prompt and completion are tokenised *separately* (the prompt with the tokenizer's special tokens,
+the completion without), so the completion's tokens are exactly the completion's own tokens even
+when the last characters of the prompt and the first characters of the completion would merge into
+one token if tokenised together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+SRC, DST = 0, 1
+
+
+@dataclasses.dataclass
+class TrainingDatapoint:
+    """One prompt and the completions whose probability steering should lower / raise.
+
+    Attributes:
+        prompt: the prompt text (tokenised with the tokenizer's special tokens, e.g. BOS).
+        src_completions: completions to suppress (loss ``-Σ_t log(1 - p_t)``, nats).
+        dst_completions: completions to promote (loss ``-Σ_t log p_t``, nats).
+        src_completions_target_losses / dst_completions_target_losses: optional per-completion
+            target losses (nats) used by early stopping with ``do_target_loss_sum=False`` and by the
+            output-constrained phase; default: the global ``target_loss``.
+        token: which token positions to steer on this datapoint: ``None`` (all), an int, a slice or
+            a list of ints. Indices refer to positions in the tokenised prompt (+ completion);
+            negative indices count back from the end of the *prompt*, so the same tokens are steered
+            when the hook is later used to generate from this prompt.
+        is_negative: steer this datapoint with ``-v`` instead of ``v``.
+    """
+
+    prompt: str
+    src_completions: list[str] = dataclasses.field(default_factory=list)
+    dst_completions: list[str] = dataclasses.field(default_factory=list)
+    src_completions_target_losses: list[float] | None = None
+    dst_completions_target_losses: list[float] | None = None
+    token: int | slice | list[int] | None = None
+    is_negative: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"TrainingDatapoint: `prompt` must be a str, got {type(self.prompt).__name__}")
+        if self.prompt == "":
+            raise ValueError("TrainingDatapoint: `prompt` is empty; expected a non-empty string")
+        for name in ("src_completions", "dst_completions"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(f"TrainingDatapoint: `{name}` must be a list of strings, got a single str "
+                                f"({value[:30]!r}); wrap it in a list")
+            value = list(value)
+            for i, c in enumerate(value):
+                if not isinstance(c, str):
+                    raise TypeError(f"TrainingDatapoint: `{name}[{i}]` must be a str, got {type(c).__name__}")
+                if c == "":
+                    raise ValueError(f"TrainingDatapoint: `{name}[{i}]` is an empty string")
+            setattr(self, name, value)
+        if not self.src_completions and not self.dst_completions:
+            raise ValueError("TrainingDatapoint: no completions; give at least one of `src_completions` "
+                             "or `dst_completions`")
+        for name, comps in (("src_completions_target_losses", self.src_completions),
+                            ("dst_completions_target_losses", self.dst_completions)):
+            value = getattr(self, name)
+            if value is not None:
+                value = [float(x) for x in value]
+                if len(value) != len(comps):
+                    raise ValueError(f"TrainingDatapoint: `{name}` has {len(value)} entries but there are "
+                                     f"{len(comps)} completions")
+                setattr(self, name, value)
+        tok = self.token
+        if tok is not None and not isinstance(tok, slice):
+            if isinstance(tok, bool) or not (isinstance(tok, int) or
+                                             (isinstance(tok, (list, tuple)) and
+                                              all(isinstance(t, int) and not isinstance(t, bool) for t in tok))):
+                raise TypeError(f"TrainingDatapoint: `token` must be None, an int, a slice or a list of ints, "
+                                f"got {tok!r}")
+
+
+@dataclasses.dataclass
+class Sequence:
+    """One (datapoint, completion) pair, tokenised."""
+
+    datapoint: int
+    kind: int  # SRC or DST
+    index: int  # completion index within its kind
+    ids: list[int]  # prompt + completion token ids
+    prompt_len: int
+    steer_positions: list[bool] | None  # None: steer every position
+    sign: float  # -1 for is_negative datapoints
+    target: float | None  # per-completion target loss (nats), None if none given
+
+    @property
+    def completion_len(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+
+def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def steer_positions(token: Any, prompt_len: int, total_len: int, only_hook_prompt: bool) -> list[bool] | None:
+    """Per-position steering flags for one sequence (``None`` = every position).
+
+    ``token`` indexes the sequence; negative values count back from the end of the prompt.
+    ``only_hook_prompt`` restricts steering to prompt positions.
+    """
+    if token is None and not only_hook_prompt:
+        return None
+    flags = [token is None] * total_len
+    if token is not None:
+        if isinstance(token, slice):
+            if token.step not in (None, 1):
+                raise ValueError(f"TrainingDatapoint.token slice step must be 1, got {token.step}")
+            start = 0 if token.start is None else (max(prompt_len + token.start, 0) if token.start < 0
+                                                   else token.start)
+            stop, step = total_len, 1
+            if token.stop is not None and token.stop < 0:
+                stop = max(prompt_len + token.stop, 0)
+            elif token.stop is None:
+                stop = total_len
+            elif token.stop >= 0:
+                stop = min(token.stop, total_len)
+            for i in range(start, stop, step):
+                flags[i] = True
+        else:
+            for t in [token] if isinstance(token, int) else token:
+                i = prompt_len + t if t < 0 else t
+                if not 0 <= i < total_len:
+                    raise ValueError(f"TrainingDatapoint.token index {t} is outside the sequence "
+                                     f"(prompt has {prompt_len} tokens, sequence {total_len})")
+                flags[i] = True
+    if only_hook_prompt:
+        flags = [f and i < prompt_len for i, f in enumerate(flags)]
+    return flags
+
+
+def tokenize_datapoints(
+    tokenizer: Any,
+    datapoints: Seq[TrainingDatapoint],
+    *,
+    only_hook_prompt: bool = False,
+    target_loss: float | None = None,
+    max_length: int | None = None,
+) -> list[Sequence]:
+    """Tokenise every (datapoint, completion) once; the order is datapoint, then src, then dst."""
+    seqs: list[Sequence] = []
+    for d, dp in enumerate(datapoints):
+        p_ids = _encode(tokenizer, dp.prompt, special=True)
+        if not p_ids:
+            raise ValueError(f"datapoints[{d}].prompt tokenises to zero tokens")
+        for kind, comps, targets in ((SRC, dp.src_completions, dp.src_completions_target_losses),
+                                     (DST, dp.dst_completions, dp.dst_completions_target_losses)):
+            for k, comp in enumerate(comps):
+                c_ids = _encode(tokenizer, comp, special=False)
+                if not c_ids:
+                    raise ValueError(f"datapoints[{d}] completion {comp!r} tokenises to zero tokens")
+                ids = p_ids + c_ids
+                if max_length is not None and len(ids) > max_length:
+                    raise ValueError(f"datapoints[{d}]: prompt + completion is {len(ids)} tokens, longer than "
+                                     f"the model's context ({max_length} tokens)")
+                seqs.append(Sequence(
+                    datapoint=d, kind=kind, index=k, ids=ids, prompt_len=len(p_ids),
+                    steer_positions=steer_positions(dp.token, len(p_ids), len(ids), only_hook_prompt),
+                    sign=-1.0 if dp.is_negative else 1.0,
+                    target=targets[k] if targets is not None else target_loss,
+                ))
+    return seqs
+
+
+def nest_losses(seqs: Seq[Sequence], losses: Seq[float], n_datapoints: int) -> list[list[list[float]]]:
+    """Arrange per-sequence losses as ``out[i][j][k]``: datapoint i, j=0 src / j=1 dst, completion k."""
+    out: list[list[list[float]]] = [[[], []] for _ in range(n_datapoints)]
+    for s, loss in zip(seqs, losses):
+        out[s.datapoint][s.kind].append(float(loss))
+    return out
+
+
+def loss_positions(seq: Sequence) -> tuple[list[int], list[int]]:
+    """Positions whose logits predict the completion tokens, and those target token ids."""
+    pos = list(range(seq.prompt_len - 1, len(seq.ids) - 1))
+    return pos, seq.ids[seq.prompt_len:]
+
+
+def as_tensor_mask(seq: Sequence, length: int) -> torch.Tensor:
+    """Steering mask of one sequence padded to ``length`` (bool ``(length,)``); padding is False."""
+    m = torch.zeros(length, dtype=torch.bool)
+    if seq.steer_positions is None:
+        m[: len(seq.ids)] = True
+    else:
+        m[: len(seq.ids)] = torch.tensor(seq.steer_positions, dtype=torch.bool)
+    return m

@@ -1,0 +1,343 @@
+"""Loss engines: per-completion losses (nats) and their gradients w.r.t. steering parameters.
+
+The objective (one place, :class:`Objective`): with ``p_t = softmax(coldness · logits)[y_t]`` at the
+position predicting completion token ``y_t`` (steering applied),
+
+* promote (dst):  ``-Σ_t log p_t``
+* suppress (src): ``-Σ_t log(1 - p_t)`` (``do_one_minus=True``, computed stably with log1mexp in
+  float32) or ``+Σ_t log p_t`` (``do_one_minus=False``),
+
+optionally divided by the completion's token count. Two engines compute it:
+
+* :class:`ReferenceEngine` — the naive algorithm, kept as the obviously-correct baseline: one full
+  forward and backward per completion, full-vocabulary softmax at every position.
+* :class:`FastEngine` — the default: runs the blocks below the lowest steered layer once (no grad)
+  and caches their output; each step runs only the blocks from that layer up, with every completion
+  of every datapoint in one right-padded batch (chunked by a token budget), and takes logits only
+  at positions that predict a completion token.
+
+Both consume the same :class:`~steering_opt.data.Sequence` records and the same per-row steering
+specification, and agree to ~1e-5 (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import arch
+from .data import SRC
+from .data import Sequence as Seq
+from .hooks import steer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SteerSpec:
+    """Steering to apply to a set of sequences (rows).
+
+    Attributes:
+        rows: ``{layer: (n_rows, d)}`` per-row vectors (sign and noise already folded in).
+        left, right: affine factors ``(r, d)`` shared by all rows, or None.
+        clamp: clamp coefficient, or None for additive steering.
+    """
+
+    rows: dict[int, torch.Tensor]
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    clamp: float | None = None
+
+
+SpecFn = Callable[[list[int]], SteerSpec]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """How token log-probs become per-completion losses (nats)."""
+
+    coldness: float = 0.7
+    do_one_minus: bool = True
+    normalize_token_length: bool = False
+
+    def token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``log softmax(coldness·logits)[target]`` in float32; logits ``(N, V)``, targets ``(N,)``."""
+        lp = torch.log_softmax(logits.float() * self.coldness, dim=-1)
+        return lp.gather(-1, targets[:, None].to(lp.device))[:, 0]
+
+    def completion_losses(self, logp: torch.Tensor, owner: torch.Tensor, kinds: torch.Tensor,
+                          lengths: torch.Tensor) -> torch.Tensor:
+        """Per-completion losses ``(n,)`` from token log-probs ``(N,)`` owned by completion ``owner``."""
+        if self.do_one_minus:
+            src_term = -log1mexp(logp)  # -log(1 - p)
+        else:
+            src_term = logp
+        is_src = (kinds[owner] == SRC).to(logp.device)
+        per_token = torch.where(is_src, src_term, -logp)
+        out = torch.zeros(len(kinds), dtype=per_token.dtype, device=per_token.device)
+        out = out.index_add(0, owner.to(per_token.device), per_token)
+        if self.normalize_token_length:
+            out = out / lengths.to(out)
+        return out
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x ≤ 0``, stable at both ends (Mächler 2012). ``x`` is clamped to
+    ``≤ -1e-12`` so that ``p = 1`` gives a large finite value instead of ``-inf``."""
+    x = x.float().clamp(max=-1e-12)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class Engine:
+    """Common set-up: the model, the sequences, the steered layers and the objective."""
+
+    def __init__(self, model: nn.Module, seqs: Sequence[Seq], layers: Sequence[int], objective: Objective,
+                 *, layer_config: arch.LayerConfig = None):
+        self.model = model
+        self.seqs = list(seqs)
+        self.layers = sorted(set(layers))
+        self.objective = objective
+        self.layer_config = layer_config
+        self.modules = {
+            layer: arch.get_site_module(model, layer, "decoder_block", layer_config) for layer in self.layers
+        }
+        self.kinds = torch.tensor([s.kind for s in self.seqs])
+        self.lengths = torch.tensor([s.completion_len for s in self.seqs], dtype=torch.float32)
+        self.device = _first_device(model)
+
+    def run(self, spec_fn: SpecFn, *, weights: torch.Tensor | None = None, backward: bool = True,
+            subset: Sequence[int] | None = None) -> torch.Tensor:
+        """Compute the losses of ``subset`` (default: all sequences) under ``spec_fn``'s steering.
+
+        If ``backward``, accumulates ``d(Σ_s weights[s]·loss_s)/d(params)`` into the ``.grad`` of the
+        tensors ``spec_fn`` built its rows from (weights default to 1). Returns the detached losses,
+        shape ``(len(subset),)``, float32, nats.
+        """
+        raise NotImplementedError
+
+    def _hook_for(self, layer: int, spec: SteerSpec, mask: torch.Tensor | None,
+                  replace: torch.Tensor | None = None) -> Callable:
+        rows = spec.rows.get(layer)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            h = replace if replace is not None else arch.get_hidden_states(args, kwargs)
+            if rows is not None:
+                h = steer(h, rows, left=spec.left, right=spec.right, clamp=spec.clamp, mask=mask)
+            return arch.replace_hidden_states(args, kwargs, h)
+
+        return hook
+
+
+@contextlib.contextmanager
+def _hooks(pairs: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    handles = []
+    try:
+        for module, fn in pairs:
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class ReferenceEngine(Engine):
+    """The naive algorithm: one full forward (+ backward) per completion, full-vocab softmax."""
+
+    def run(self, spec_fn: SpecFn, *, weights: torch.Tensor | None = None, backward: bool = True,
+            subset: Sequence[int] | None = None) -> torch.Tensor:
+        idx = list(range(len(self.seqs))) if subset is None else list(subset)
+        out = []
+        for j, s_i in enumerate(idx):
+            seq = self.seqs[s_i]
+            spec = spec_fn([s_i])
+            T = len(seq.ids)
+            mask = None
+            if seq.steer_positions is not None:
+                mask = torch.tensor(seq.steer_positions, device=self.device)[None]
+            ids = torch.tensor([seq.ids], device=self.device)
+            with torch.set_grad_enabled(backward), \
+                    _hooks([(self.modules[layer], self._hook_for(layer, spec, mask)) for layer in self.layers]):
+                logits = self.model(input_ids=ids, use_cache=False).logits[0]
+                lp_all = torch.log_softmax(logits.float() * self.objective.coldness, dim=-1)
+                pos = torch.arange(seq.prompt_len - 1, T - 1, device=lp_all.device)
+                tgt = ids[0, seq.prompt_len:].to(lp_all.device)
+                logp = lp_all[pos, tgt]
+                owner = torch.zeros(len(pos), dtype=torch.long)
+                loss = self.objective.completion_losses(
+                    logp, owner, self.kinds[s_i: s_i + 1], self.lengths[s_i: s_i + 1])[0]
+                if backward:
+                    w = 1.0 if weights is None else weights[j]
+                    (loss * w).backward()
+            out.append(loss.detach())
+        return torch.stack(out).float().cpu()
+
+
+@dataclasses.dataclass
+class _Chunk:
+    seq_idx: list[int]
+    input_ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor | None  # (B, T) steering mask, None = all
+    gather_b: torch.Tensor  # (N,)
+    gather_t: torch.Tensor  # (N,)
+    targets: torch.Tensor  # (N,)
+    owner: torch.Tensor  # (N,) index into seq_idx
+    cache: torch.Tensor | None = None  # input of the lowest steered block (B, T, d)
+
+
+class FastEngine(Engine):
+    """Default engine: cached lower layers, one padded batch, logits only where needed.
+
+    Args:
+        max_batch_tokens: token budget (rows × padded length) of one forward/backward chunk; bounds
+            memory for long prompts and many completions. Gradients are accumulated over chunks.
+        cache_lower_layers: cache the input of the lowest steered block (exact: nothing below it is
+            steered). Disable to trade speed for memory.
+    """
+
+    def __init__(self, model: nn.Module, seqs: Sequence[Seq], layers: Sequence[int], objective: Objective,
+                 *, layer_config: arch.LayerConfig = None, max_batch_tokens: int = 16384,
+                 cache_lower_layers: bool = True):
+        super().__init__(model, seqs, layers, objective, layer_config=layer_config)
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.max_batch_tokens = max_batch_tokens
+        self.cache_lower_layers = cache_lower_layers and layer_config is None
+        self.low = self.layers[0]
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise ValueError("model has no output embeddings (get_output_embeddings() is None)")
+        self._chunks: dict[tuple[int, ...], list[_Chunk]] = {}
+
+    def _make_chunks(self, idx: list[int]) -> list[_Chunk]:
+        chunks, cur = [], []
+        for i in idx:
+            longest = max([len(self.seqs[j].ids) for j in cur + [i]])
+            if cur and longest * (len(cur) + 1) > self.max_batch_tokens:
+                chunks.append(self._build_chunk(cur))
+                cur = []
+            cur.append(i)
+        if cur:
+            chunks.append(self._build_chunk(cur))
+        return chunks
+
+    def _build_chunk(self, idx: list[int]) -> _Chunk:
+        seqs = [self.seqs[i] for i in idx]
+        T = max(len(s.ids) for s in seqs)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        masks, gb, gt, tg, ow = [], [], [], [], []
+        for b, s in enumerate(seqs):
+            ids[b, : len(s.ids)] = torch.tensor(s.ids)
+            m = torch.zeros(T, dtype=torch.bool)
+            m[: len(s.ids)] = True if s.steer_positions is None else torch.tensor(s.steer_positions)
+            masks.append(m)
+            n = s.completion_len
+            gb += [b] * n
+            gt += list(range(s.prompt_len - 1, len(s.ids) - 1))
+            tg += s.ids[s.prompt_len:]
+            ow += [b] * n
+        need_mask = any(s.steer_positions is not None for s in seqs)
+        return _Chunk(
+            seq_idx=idx, input_ids=ids.to(self.device),
+            mask=torch.stack(masks).to(self.device) if need_mask else None,
+            gather_b=torch.tensor(gb), gather_t=torch.tensor(gt), targets=torch.tensor(tg),
+            owner=torch.tensor(ow),
+        )
+
+    @torch.no_grad()
+    def _fill_cache(self, chunk: _Chunk) -> None:
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["h"] = arch.get_hidden_states(args, kwargs).detach()
+            raise _Stop
+
+        with _hooks([(self.modules[self.low], grab)]):
+            try:
+                self.model(input_ids=chunk.input_ids, use_cache=False)
+            except _Stop:
+                pass
+        chunk.cache = captured["h"]
+
+    def _truncation(self) -> contextlib.AbstractContextManager:
+        if not self.cache_lower_layers or self.low == 0:
+            return contextlib.nullcontext()
+        return arch.truncated_blocks(self.model, self.low)
+
+    def run(self, spec_fn: SpecFn, *, weights: torch.Tensor | None = None, backward: bool = True,
+            subset: Sequence[int] | None = None) -> torch.Tensor:
+        idx = list(range(len(self.seqs))) if subset is None else list(subset)
+        key = tuple(idx)
+        if key not in self._chunks:
+            self._chunks[key] = self._make_chunks(idx)
+        pos_in_subset = {s: j for j, s in enumerate(idx)}
+        out = torch.zeros(len(idx))
+        for chunk in self._chunks[key]:
+            use_cache = self.cache_lower_layers and self.low > 0
+            if use_cache and chunk.cache is None:
+                try:
+                    with self._truncation():
+                        pass
+                    self._fill_cache(chunk)
+                except NotImplementedError as e:
+                    log.info("lower-layer cache disabled for this architecture: %s", e)
+                    self.cache_lower_layers = use_cache = False
+            spec = spec_fn(chunk.seq_idx)
+            pairs = []
+            for layer in self.layers:
+                replace = chunk.cache if (use_cache and layer == self.low) else None
+                pairs.append((self.modules[layer], self._hook_for(layer, spec, chunk.mask, replace)))
+            if use_cache and self.low not in spec.rows:
+                pairs.append((self.modules[self.low], self._hook_for(self.low, spec, None, chunk.cache)))
+            gb, gt = chunk.gather_b, chunk.gather_t
+
+            def gather(module: nn.Module, args: tuple, gb: torch.Tensor = gb, gt: torch.Tensor = gt) -> tuple:
+                h = args[0]
+                return (h[gb.to(h.device), gt.to(h.device)][None],) + tuple(args[1:])
+
+            with torch.set_grad_enabled(backward), _hooks(pairs), self._truncation():
+                handle = self.head.register_forward_pre_hook(gather)
+                try:
+                    logits = self.model(input_ids=chunk.input_ids, use_cache=False).logits[0]
+                finally:
+                    handle.remove()
+                logp = self.objective.token_logprobs(logits, chunk.targets)
+                idx_t = torch.tensor(chunk.seq_idx)
+                losses = self.objective.completion_losses(logp, chunk.owner, self.kinds[idx_t],
+                                                          self.lengths[idx_t])
+                if backward:
+                    if weights is None:
+                        total = losses.sum()
+                    else:
+                        w = weights[[pos_in_subset[s] for s in chunk.seq_idx]].to(losses)
+                        total = (losses * w).sum()
+                    total.backward()
+            for j, s in enumerate(chunk.seq_idx):
+                out[pos_in_subset[s]] = losses[j].detach().float().cpu()
+        return out
+
+
+def make_engine(name: str, model: nn.Module, seqs: Sequence[Seq], layers: Sequence[int], objective: Objective,
+                *, layer_config: arch.LayerConfig = None, max_batch_tokens: int = 16384) -> Engine:
+    """Build the engine called ``name`` ("fast" or "reference")."""
+    if name == "fast":
+        return FastEngine(model, seqs, layers, objective, layer_config=layer_config,
+                          max_batch_tokens=max_batch_tokens)
+    if name == "reference":
+        return ReferenceEngine(model, seqs, layers, objective, layer_config=layer_config)
+    raise ValueError(f"engine must be 'fast' or 'reference', got {name!r}")

@@ -1,0 +1,731 @@
+"""Steering optimisation: find vectors / low-rank affine maps by gradient descent.
+
+Public entry points: :func:`optimize_vector`, :func:`optimize_vectors`,
+:func:`optimize_vector_minibatch_hf`. All of them:
+
+* tokenise once, then hand per-completion losses to an engine (``engine="fast"`` by default,
+  ``"reference"`` for the naive algorithm);
+* optimise with Adam (constant lr) and project after every step (``‖v‖ ≤ max_norm``, affine factor
+  rows ``≤ max_affine_norm``);
+* take exactly ``max_iters`` optimiser steps (or stop earlier on ``target_loss``) and return the
+  parameters whose loss was measured last, with ``info['loss']`` being that loss;
+* leave the model exactly as they found it (weights, hooks, ``requires_grad`` flags, train/eval
+  mode), also when they raise or are interrupted.
+
+Losses are in nats (natural log).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import arch
+from .data import Sequence as Seq
+from .data import TrainingDatapoint, nest_losses, tokenize_datapoints
+from .engine import Engine, Objective, SteerSpec, make_engine
+from .hooks import frozen_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ITERS = 1000  # cap used when neither max_iters nor a reachable target ends the loop
+
+
+@dataclasses.dataclass
+class _Params:
+    """Trainable steering parameters; ``vectors`` may map several layers to one shared tensor."""
+
+    vectors: dict[int, torch.Tensor]
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    clamp: float | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        uniq: list[torch.Tensor] = []
+        for v in self.vectors.values():
+            if not any(v is u for u in uniq):
+                uniq.append(v)
+        return uniq + [t for t in (self.left, self.right) if t is not None]
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in self.tensors()]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t, s in zip(self.tensors(), snap):
+                t.copy_(s)
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors())
+
+    def matrix(self) -> torch.Tensor | None:
+        """Dense ``M = leftᵀ right`` ``(d, d)`` (for returning to the user only)."""
+        if self.left is None or self.right is None:
+            return None
+        return (self.left.T @ self.right).detach()
+
+    def norm_objective(self) -> torch.Tensor:
+        """``Σ‖v‖ + ‖M‖_F`` (the output-constrained phase minimises this); ``‖M‖_F`` via the factors."""
+        total = sum(v.norm() for v in self.tensors()[: len(self.tensors()) - (2 if self.left is not None else 0)])
+        if self.left is not None and self.right is not None:
+            # ‖LᵀR‖_F² = tr(LLᵀ RRᵀ): r×r products only
+            total = total + torch.sqrt(((self.left @ self.left.T) * (self.right @ self.right.T)).sum().clamp_min(0))
+        return total
+
+    def spec_fn(self, seqs: Sequence[Seq], noise: dict[int, torch.Tensor] | None = None
+                ) -> Callable[[list[int]], SteerSpec]:
+        signs = torch.tensor([s.sign for s in seqs])
+
+        def fn(idx: list[int]) -> SteerSpec:
+            rows = {}
+            for layer, v in self.vectors.items():
+                r = signs[idx][:, None].to(v) * v[None]
+                if noise is not None and layer in noise:
+                    r = r + noise[layer][idx].to(v)
+                rows[layer] = r
+            return SteerSpec(rows=rows, left=self.left, right=self.right, clamp=self.clamp)
+
+        return fn
+
+
+def _check_positive(name: str, value: Any, *, allow_none: bool = True, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"`{name}` must be a {'non-negative' if allow_zero else 'positive'} finite number, "
+                         f"got {value!r}")
+
+
+def _check_datapoints(datapoints: Any) -> list[TrainingDatapoint]:
+    if isinstance(datapoints, TrainingDatapoint):
+        datapoints = [datapoints]
+    if not isinstance(datapoints, (list, tuple)) or len(datapoints) == 0:
+        raise ValueError(f"`datapoints` must be a non-empty list of TrainingDatapoint, got {datapoints!r}")
+    for i, dp in enumerate(datapoints):
+        if not isinstance(dp, TrainingDatapoint):
+            raise TypeError(f"`datapoints[{i}]` must be a TrainingDatapoint, got {type(dp).__name__}")
+    return list(datapoints)
+
+
+def _check_layers(model: nn.Module, layer: Any, name: str) -> list[int]:
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not layers:
+        raise ValueError(f"`{name}` is empty; expected at least one layer index")
+    resolved = [arch.resolve_layer(model, x, name=name) for x in layers]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"`{name}` contains duplicate layers: {layers!r}")
+    return resolved
+
+
+def _context_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        val = getattr(cfg, attr, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+def _ensure_pad(tokenizer: Any) -> None:
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _init_vector(d: int, starting_norm: float, starting_vec: torch.Tensor | None, gen: torch.Generator,
+                 device: torch.device, name: str = "starting_vec") -> torch.Tensor:
+    if starting_vec is not None:
+        if not isinstance(starting_vec, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(starting_vec).__name__}")
+        if tuple(starting_vec.shape) != (d,):
+            raise ValueError(f"`{name}` must have shape ({d},) (the model's hidden size), "
+                             f"got {tuple(starting_vec.shape)}")
+        if not bool(torch.isfinite(starting_vec).all()):
+            raise ValueError(f"`{name}` contains NaN or infinite values")
+        v = starting_vec.detach().float().clone()
+    else:
+        v = torch.randn(d, generator=gen)
+        v = starting_norm * v / v.norm()
+    return v.to(device).requires_grad_(True)
+
+
+def _project(params: _Params, max_norm: float | None, max_affine_norm: float | None) -> None:
+    with torch.no_grad():
+        if max_norm is not None:
+            for v in params.tensors()[: len(params.vectors)]:
+                n = v.norm()
+                if n > max_norm:
+                    v.mul_(max_norm / n)
+        if max_affine_norm is not None:
+            for m in (params.left, params.right):
+                if m is not None:
+                    n = m.norm(dim=1, keepdim=True)
+                    m.mul_(torch.where(n > max_affine_norm, max_affine_norm / n, torch.ones_like(n)))
+
+
+@dataclasses.dataclass
+class _LoopResult:
+    steps: int
+    losses: torch.Tensor  # per-sequence losses of the returned parameters
+    total: float
+    history: list[float]
+    status: str
+
+
+def _run_loop(
+    engine: Engine,
+    params: _Params,
+    *,
+    lr: float,
+    max_iters: int | None,
+    eps: float,
+    target_loss: float | None,
+    do_target_loss_sum: bool,
+    target_loss_target_iters: int,
+    max_norm: float | None,
+    max_affine_norm: float | None,
+    noise_fn: Callable[[], dict[int, torch.Tensor]] | None = None,
+    reg_fn: Callable[[], torch.Tensor] | None = None,
+    subset_fn: Callable[[int], list[int] | None] | None = None,
+    progress: bool = False,
+    desc: str = "optimize",
+) -> _LoopResult:
+    """Adam loop shared by every optimiser. Evaluate → check stop → step → project."""
+    seqs = engine.seqs
+    opt = torch.optim.Adam(params.tensors(), lr=lr)
+    cap = max_iters if max_iters is not None else DEFAULT_MAX_ITERS
+    targets = torch.tensor([s.target if s.target is not None else math.inf for s in seqs])
+    history: list[float] = []
+    hits, steps, prev = 0, 0, None
+    last_good = params.snapshot()
+    status = "max_iters"
+    losses = torch.zeros(len(seqs))
+    bar = tqdm(total=cap, desc=desc, disable=not progress, leave=False)
+    try:
+        while True:
+            final_eval = steps >= cap
+            opt.zero_grad(set_to_none=True)
+            subset = subset_fn(steps) if subset_fn is not None else None
+            noise = noise_fn() if noise_fn is not None else None
+            sub_losses = engine.run(params.spec_fn(seqs, noise), backward=not final_eval, subset=subset)
+            total = float(sub_losses.sum())
+            if reg_fn is not None:
+                reg = reg_fn()
+                if not final_eval:
+                    reg.backward()
+                total_obj = total + float(reg)
+            else:
+                total_obj = total
+            if not math.isfinite(total_obj) or not params.finite():
+                params.restore(last_good)
+                status = "nonfinite"
+                log.warning("non-finite loss or parameters at step %d; restored the last finite parameters",
+                            steps)
+                break
+            if subset is None:
+                losses = sub_losses
+            else:
+                losses = losses.clone()
+                losses[subset] = sub_losses
+            last_good = params.snapshot()
+            history.append(total)
+            bar.set_postfix(loss=f"{total:.4g}")
+            if target_loss is not None or (targets < math.inf).any():
+                if do_target_loss_sum:
+                    hit = target_loss is not None and total <= target_loss
+                else:
+                    sub_t = targets if subset is None else targets[subset]
+                    hit = bool((sub_losses <= sub_t).all())
+                hits = hits + 1 if hit else 0
+                if hits >= target_loss_target_iters:
+                    status = "target_reached"
+                    break
+            if final_eval:
+                status = "max_iters"
+                break
+            if max_iters is None and target_loss is None and prev is not None and abs(prev - total) < eps:
+                status = "converged"
+                break
+            prev = total
+            opt.step()
+            _project(params, max_norm, max_affine_norm)
+            steps += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    return _LoopResult(steps=steps, losses=losses, total=float(losses.sum()) if subset_fn is None else history[-1]
+                       if history else math.nan, history=history, status=status)
+
+
+def _tangent_noise_fn(engine: Engine, params: _Params, layers: list[int], noise_scale: float,
+                      tangent: bool, gen: torch.Generator) -> Callable[[], dict[int, torch.Tensor]]:
+    """Gaussian noise per sequence row; the tangent variant removes the component along the gradient
+    ``g`` of that completion's unsteered loss (``n - (n·g/‖g‖²) g``; ``g`` computed once)."""
+    n_rows = len(engine.seqs)
+    v0 = next(iter(params.vectors.values()))
+    d = v0.shape[0]
+    grads = None
+    if tangent:
+        zero = torch.zeros(n_rows, d, device=v0.device, requires_grad=True)
+
+        def zero_spec(idx: list[int]) -> SteerSpec:
+            return SteerSpec(rows={layer: zero[idx] for layer in layers})
+
+        engine.run(zero_spec, backward=True)
+        grads = zero.grad.detach() if zero.grad is not None else torch.zeros(n_rows, d)
+
+    def fn() -> dict[int, torch.Tensor]:
+        n = torch.randn(n_rows, d, generator=gen).to(v0.device) * noise_scale
+        if grads is not None:
+            g2 = (grads * grads).sum(-1, keepdim=True)
+            coef = torch.where(g2 > 0, (n * grads).sum(-1, keepdim=True) / g2.clamp_min(1e-30),
+                               torch.zeros_like(g2))
+            n = n - coef * grads
+        return {layer: n for layer in layers}
+
+    fn.grads = grads  # type: ignore[attr-defined]
+    return fn
+
+
+def _output_constrained(
+    engine: Engine,
+    params: _Params,
+    *,
+    start_losses: torch.Tensor,
+    target_loss: float | None,
+    do_target_loss_sum: bool,
+    lr: float,
+    max_iters: int,
+    damping: float,
+    patience: int,
+    custom_loss: Callable[[], torch.Tensor] | None = None,
+) -> tuple[int, torch.Tensor, bool, list[float]]:
+    """Minimise ``‖v‖ (+‖M‖_F)`` subject to loss constraints by the modified differential method of
+    multipliers (Platt & Barr 1988), with projected multipliers for the inequality constraints.
+
+    Constraints ``g_i = loss_i - t_i ≤ 0``: one on the summed loss (``do_target_loss_sum``) or one
+    per completion. ``t_i = max(target_i, loss_i at the start)``, so the start point is feasible.
+    Lagrangian gradient: ``∇f + Σ_i max(0, λ_i + c·g_i) ∇g_i``; multipliers ascend
+    ``λ_i ← max(0, λ_i + lr·s·g_i)`` with ``s = ‖v₀‖ / Σt`` putting constraints on the objective's scale.
+    Returns (iterations, losses of the returned parameters, whether they satisfy every constraint,
+    norm history). The returned parameters are the feasible ones with the smallest objective seen.
+    """
+    seqs = engine.seqs
+    per_seq_t = torch.tensor([s.target if s.target is not None else (target_loss if target_loss is not None
+                                                                        else math.inf) for s in seqs])
+    if do_target_loss_sum:
+        t = torch.tensor([max(target_loss if target_loss is not None else -math.inf, float(start_losses.sum()))])
+    else:
+        t = torch.maximum(torch.where(per_seq_t < math.inf, per_seq_t, start_losses), start_losses)
+    lam = torch.zeros_like(t)
+    obj0 = float(params.norm_objective())
+    scale = obj0 / max(float(t.abs().sum()), 1e-6)
+    opt = torch.optim.Adam(params.tensors(), lr=lr)
+    best = (float(params.norm_objective()), params.snapshot(), start_losses.clone())
+    since_best, it = 0, 0
+    norms: list[float] = []
+    for it in range(1, max_iters + 1):  # noqa: B007
+        opt.zero_grad(set_to_none=True)
+        # weights for the per-sequence losses: d/dθ Σ_i w_i g_i
+        with torch.no_grad():
+            pass
+        # need the current losses to form the weights: evaluate once without grad, then with weights
+        losses = engine.run(params.spec_fn(seqs), backward=False)
+        g = (losses.sum()[None] if do_target_loss_sum else losses) - t
+        feasible = bool((g <= 1e-6).all())
+        objective = float(params.norm_objective())
+        norms.append(objective)
+        if feasible and objective < best[0] - 1e-9:
+            best = (objective, params.snapshot(), losses.clone())
+            since_best = 0
+        else:
+            since_best += 1
+        if since_best >= patience:
+            break
+        mult = torch.clamp(lam + damping * scale * g, min=0) * scale
+        if bool((mult > 0).any()):
+            w = mult.expand(len(seqs)) if do_target_loss_sum else mult
+            engine.run(params.spec_fn(seqs), weights=w, backward=True)
+        f = custom_loss() if custom_loss is not None else params.norm_objective()
+        f.backward()
+        opt.step()
+        lam = torch.clamp(lam + lr * scale * g, min=0)
+    params.restore(best[1])
+    final = engine.run(params.spec_fn(seqs), backward=False)
+    g = (final.sum()[None] if do_target_loss_sum else final) - t
+    return it, final, bool((g <= 1e-4).all()), norms
+
+
+def _base_info(seqs: list[Seq], n_dp: int, res: _LoopResult, do_target_loss_sum: bool) -> dict[str, Any]:
+    nested = nest_losses(seqs, res.losses.tolist(), n_dp)
+    return {
+        "iters": res.steps,
+        "loss": float(res.losses.sum()) if do_target_loss_sum else nested,
+        "completion_losses": nested,
+        "loss_history": res.history,
+        "status": res.status,
+        "loss_units": "nats",
+    }
+
+
+def optimize_vector(
+    model: nn.Module,
+    datapoints: Sequence[TrainingDatapoint],
+    layer: int | Sequence[int],
+    *,
+    tokenizer: Any = None,
+    eps: float = 1e-6,
+    lr: float = 0.01,
+    max_iters: int | None = None,
+    coldness: float = 0.7,
+    normalize_token_length: bool = False,
+    only_hook_prompt: bool = False,
+    target_loss: float | None = None,
+    do_target_loss_sum: bool = True,
+    target_loss_target_iters: int = 1,
+    do_one_minus: bool = True,
+    max_norm: float | None = None,
+    starting_norm: float = 1.0,
+    starting_vec: torch.Tensor | None = None,
+    vector_clamp: float | None = None,
+    affine_rank: int | None = None,
+    max_affine_norm: float | None = 2.0,
+    starting_affine_norm: float = 1.0,
+    noise_scale: float | None = None,
+    do_tangent_space_noise: bool = True,
+    do_output_constr: bool = False,
+    output_constr_lr: float | None = None,
+    max_output_constr_iters: int | None = None,
+    output_constr_damping: float = 1.0,
+    output_constr_patience: int = 20,
+    custom_output_constr_loss_func: Callable[..., torch.Tensor] | None = None,
+    custom_output_constr_pre_loss_func: Callable[..., dict] | None = None,
+    seed: int | None = None,
+    engine: str = "fast",
+    max_batch_tokens: int = 16384,
+    progress: bool = False,
+    return_info: bool = True,
+) -> Any:
+    """Optimise one steering vector (optionally with a rank-r affine map) at ``layer``.
+
+    The vector is added to the residual stream entering decoder block ``layer`` (or each block of a
+    list of layers, sharing one vector). Loss (nats): see :mod:`steering_opt.engine`.
+
+    Args:
+        model: a HF causal LM (any device/dtype; the loss is computed in float32).
+        datapoints: list of :class:`TrainingDatapoint`.
+        layer: block index (negative counts from the end) or a list of them sharing one vector.
+        tokenizer: the model's tokenizer (required).
+        eps: convergence threshold on the loss change when neither ``max_iters`` nor ``target_loss``
+            is given.
+        lr: Adam learning rate (constant).
+        max_iters: exact number of optimiser steps (``None``: until target/convergence, capped at
+            ``DEFAULT_MAX_ITERS``).
+        coldness: inverse temperature applied to logits in the loss.
+        normalize_token_length: divide each completion's loss by its token count.
+        only_hook_prompt: steer prompt positions only.
+        target_loss: stop when the summed loss (``do_target_loss_sum=True``) or every completion's loss
+            (its own target from the datapoint if given) is ≤ this, for ``target_loss_target_iters``
+            consecutive evaluations.
+        do_one_minus: suppression loss ``-Σ log(1-p)`` (True) or ``+Σ log p`` (False).
+        max_norm: cap on ``‖v‖`` (projection after every step).
+        starting_norm / starting_vec: random initial direction with this norm, or an explicit start.
+        vector_clamp: clamp steering ``h -> h - (h·v̂)v̂ + c·v`` with ``c = vector_clamp``.
+        affine_rank / max_affine_norm / starting_affine_norm: learn ``M = LᵀR`` (``L, R ∈ ℝ^{r×d}``),
+            steering ``h -> h + h Mᵀ + v``; rows of ``L`` and ``R`` are kept at norm ≤ ``max_affine_norm``.
+        noise_scale / do_tangent_space_noise: Gaussian noise (std ``noise_scale``) added to ``v`` in
+            every loss evaluation, optionally projected orthogonal to the unsteered-loss gradient.
+        do_output_constr / output_constr_lr / max_output_constr_iters: after the first phase, minimise
+            ``‖v‖ (+‖M‖_F)`` while keeping the losses at or below target (modified differential
+            method of multipliers); see :func:`_output_constrained`.
+        seed: seed for the initial vector and the noise (reproducible trajectories).
+        engine: ``"fast"`` (default) or ``"reference"`` (naive algorithm).
+        max_batch_tokens: memory bound of one forward/backward chunk (fast engine).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``(vector, info)``, or ``(vector, matrix, info)`` with ``affine_rank``. ``vector`` has shape
+        ``(d,)`` and lives on the steered block's device, float32. ``info``: ``iters`` (optimiser
+        steps), ``loss`` (summed loss in nats, or ``loss[i][j][k]`` per completion with
+        ``do_target_loss_sum=False``), ``norm``, ``loss_history`` (loss at every evaluation),
+        ``status`` ("target_reached", "max_iters", "converged", "nonfinite"), and for the
+        output-constrained phase ``output_constr_iters``, ``constraints_satisfied``,
+        ``norm_before_output_constr``.
+    """
+    datapoints = _check_datapoints(datapoints)
+    layers = _check_layers(model, layer, "layer")
+    if tokenizer is None:
+        raise ValueError("`tokenizer` is required: pass the model's HuggingFace tokenizer (tokenizer=...)")
+    _check_positive("lr", lr, allow_none=False)
+    _check_positive("coldness", coldness, allow_none=False)
+    _check_positive("max_norm", max_norm)
+    _check_positive("starting_norm", starting_norm, allow_none=False)
+    _check_positive("noise_scale", noise_scale, allow_zero=True)
+    _check_positive("output_constr_lr", output_constr_lr)
+    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0):
+        raise ValueError(f"`max_iters` must be a non-negative int or None, got {max_iters!r}")
+    if not isinstance(target_loss_target_iters, int) or target_loss_target_iters < 1:
+        raise ValueError(f"`target_loss_target_iters` must be an int >= 1, got {target_loss_target_iters!r}")
+    if vector_clamp is not None and not (isinstance(vector_clamp, (int, float)) and math.isfinite(vector_clamp)):
+        raise ValueError(f"`vector_clamp` must be a finite number, got {vector_clamp!r}")
+    d = arch.hidden_size(model)
+    if affine_rank is not None:
+        if isinstance(affine_rank, bool) or not isinstance(affine_rank, int) or not 1 <= affine_rank <= d:
+            raise ValueError(f"`affine_rank` must be an int in [1, {d}] (the hidden size), got {affine_rank!r}")
+        if vector_clamp is not None:
+            raise ValueError("`vector_clamp` and `affine_rank` cannot be combined")
+    _check_positive("max_affine_norm", max_affine_norm)
+    if starting_vec is not None and vector_clamp is not None and float(starting_vec.norm()) == 0:
+        raise ValueError("`vector_clamp` needs a non-zero `starting_vec` (got a zero vector)")
+    if engine not in ("fast", "reference"):
+        raise ValueError(f"`engine` must be 'fast' or 'reference', got {engine!r}")
+    _ensure_pad(tokenizer)
+
+    seqs = tokenize_datapoints(tokenizer, datapoints, only_hook_prompt=only_hook_prompt,
+                               target_loss=None if do_target_loss_sum else target_loss,
+                               max_length=_context_length(model))
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+    device = arch.get_site_module(model, layers[0]).parameters().__next__().device \
+        if any(True for _ in arch.get_site_module(model, layers[0]).parameters()) else torch.device("cpu")
+
+    with frozen_model(model):
+        vec = _init_vector(d, starting_norm, starting_vec, gen, device)
+        left = right = None
+        if affine_rank is not None:
+            left = torch.randn(affine_rank, d, generator=gen)
+            right = torch.randn(affine_rank, d, generator=gen)
+            left = (left * (starting_affine_norm / left.norm(dim=1, keepdim=True))).to(device).requires_grad_(True)
+            right = (right * (starting_affine_norm / right.norm(dim=1, keepdim=True))).to(device).requires_grad_(True)
+        params = _Params(vectors={layer_: vec for layer_ in layers}, left=left, right=right, clamp=vector_clamp)
+        objective = Objective(coldness=coldness, do_one_minus=do_one_minus,
+                              normalize_token_length=normalize_token_length)
+        eng = make_engine(engine, model, seqs, layers, objective, max_batch_tokens=max_batch_tokens)
+        noise_fn = None
+        if noise_scale:
+            noise_fn = _tangent_noise_fn(eng, params, layers, noise_scale, do_tangent_space_noise, gen)
+        res = _run_loop(eng, params, lr=lr, max_iters=max_iters, eps=eps, target_loss=target_loss,
+                        do_target_loss_sum=do_target_loss_sum, target_loss_target_iters=target_loss_target_iters,
+                        max_norm=max_norm, max_affine_norm=max_affine_norm, noise_fn=noise_fn,
+                        progress=progress)
+        info = _base_info(seqs, len(datapoints), res, do_target_loss_sum)
+        info["norm"] = float(vec.detach().norm())
+        if do_output_constr and res.status != "nonfinite":
+            custom = None
+            if custom_output_constr_loss_func is not None:
+                pre = {}
+                if custom_output_constr_pre_loss_func is not None:
+                    pre = custom_output_constr_pre_loss_func(model, tokenizer, datapoints, layers, params) or {}
+
+                def custom() -> torch.Tensor:
+                    return custom_output_constr_loss_func(model, tokenizer, datapoints, layers, params, **pre)
+
+            info["norm_before_output_constr"] = info["norm"]
+            it, final, ok, norms = _output_constrained(
+                eng, params, start_losses=res.losses, target_loss=target_loss,
+                do_target_loss_sum=do_target_loss_sum,
+                lr=output_constr_lr if output_constr_lr is not None else lr,
+                max_iters=max_output_constr_iters if max_output_constr_iters is not None else 200,
+                damping=output_constr_damping, patience=output_constr_patience, custom_loss=custom)
+            nested = nest_losses(seqs, final.tolist(), len(datapoints))
+            info.update(output_constr_iters=it, constraints_satisfied=ok, output_constr_norm_history=norms,
+                        norm=float(vec.detach().norm()), completion_losses=nested,
+                        loss=float(final.sum()) if do_target_loss_sum else nested)
+    out_vec = vec.detach()
+    if not return_info:
+        return (out_vec, params.matrix()) if affine_rank is not None else out_vec
+    if affine_rank is not None:
+        info["affine_factors"] = (left.detach(), right.detach())
+        return out_vec, params.matrix(), info
+    return out_vec, info
+
+
+def optimize_vectors(
+    model: nn.Module,
+    datapoints: Sequence[TrainingDatapoint],
+    layers: Sequence[int],
+    *,
+    tokenizer: Any = None,
+    lr: float = 0.01,
+    max_iters: int | None = None,
+    eps: float = 1e-6,
+    coldness: float = 0.7,
+    normalize_token_length: bool = False,
+    only_hook_prompt: bool = False,
+    target_loss: float | None = None,
+    do_target_loss_sum: bool = True,
+    target_loss_target_iters: int = 1,
+    do_one_minus: bool = True,
+    max_norm: float | None = None,
+    starting_norm: float = 1.0,
+    regularization_weight: float = 0.0,
+    regularization_type: str = "l1",
+    sparsity_weight: float = 0.0,
+    entropy_weight: float = 0.0,
+    seed: int | None = None,
+    engine: str = "fast",
+    max_batch_tokens: int = 16384,
+    progress: bool = False,
+) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Jointly optimise one vector per layer in ``layers``.
+
+    Objective (nats): the completion losses plus
+    ``regularization_weight · Σ_l R(v_l)`` with ``R`` = L1 norm (``"l1"``) or max-abs (``"max"``),
+    ``sparsity_weight · Σ_l ‖v_l‖₂`` and ``entropy_weight · H(softmax(‖v_1‖, …, ‖v_L‖))`` (pushes
+    the steering into few layers).
+
+    Returns:
+        ``({layer: vector (d,)}, info)`` with ``info['norms'][layer]``, ``iters``, ``loss`` (the
+        completion loss without regularisers), ``loss_history``, ``status``.
+    """
+    datapoints = _check_datapoints(datapoints)
+    layer_list = _check_layers(model, layers, "layers")
+    if tokenizer is None:
+        raise ValueError("`tokenizer` is required: pass the model's HuggingFace tokenizer (tokenizer=...)")
+    _check_positive("lr", lr, allow_none=False)
+    _check_positive("max_norm", max_norm)
+    for name, val in (("regularization_weight", regularization_weight), ("sparsity_weight", sparsity_weight),
+                      ("entropy_weight", entropy_weight)):
+        _check_positive(name, val, allow_none=False, allow_zero=True)
+    if regularization_type not in ("l1", "max"):
+        raise ValueError(f"`regularization_type` must be 'l1' or 'max', got {regularization_type!r}")
+    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0):
+        raise ValueError(f"`max_iters` must be a non-negative int or None, got {max_iters!r}")
+    _ensure_pad(tokenizer)
+    seqs = tokenize_datapoints(tokenizer, datapoints, only_hook_prompt=only_hook_prompt,
+                               target_loss=None if do_target_loss_sum else target_loss,
+                               max_length=_context_length(model))
+    d = arch.hidden_size(model)
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+    with frozen_model(model):
+        vecs = {}
+        for layer_ in layer_list:
+            block = arch.get_site_module(model, layer_)
+            dev = next(block.parameters()).device if any(True for _ in block.parameters()) else torch.device("cpu")
+            vecs[layer_] = _init_vector(d, starting_norm, None, gen, dev)
+        params = _Params(vectors=vecs)
+
+        def reg_fn() -> torch.Tensor:
+            vs = [v.to(vecs[layer_list[0]].device) for v in vecs.values()]
+            norms = torch.stack([v.norm() for v in vs])
+            reg = torch.zeros((), device=norms.device)
+            if regularization_weight:
+                per = torch.stack([v.abs().sum() if regularization_type == "l1" else v.abs().max() for v in vs])
+                reg = reg + regularization_weight * per.sum()
+            if sparsity_weight:
+                reg = reg + sparsity_weight * norms.sum()
+            if entropy_weight:
+                p = torch.softmax(norms, 0)
+                reg = reg + entropy_weight * -(p * torch.log(p.clamp_min(1e-30))).sum()
+            return reg
+
+        objective = Objective(coldness=coldness, do_one_minus=do_one_minus,
+                              normalize_token_length=normalize_token_length)
+        eng = make_engine(engine, model, seqs, layer_list, objective, max_batch_tokens=max_batch_tokens)
+        res = _run_loop(eng, params, lr=lr, max_iters=max_iters, eps=eps, target_loss=target_loss,
+                        do_target_loss_sum=do_target_loss_sum, target_loss_target_iters=target_loss_target_iters,
+                        max_norm=max_norm, max_affine_norm=None, reg_fn=reg_fn, progress=progress,
+                        desc="optimize_vectors")
+    info = _base_info(seqs, len(datapoints), res, do_target_loss_sum)
+    info["norms"] = {layer_: float(v.detach().norm()) for layer_, v in vecs.items()}
+    return {layer_: v.detach() for layer_, v in vecs.items()}, info
+
+
+def optimize_vector_minibatch_hf(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    layer: int | Sequence[int],
+    src_completions: Sequence[str] | None = None,
+    dst_completions: Sequence[str] | None = None,
+    minibatch_size: int = 5,
+    *,
+    lr: float = 0.01,
+    max_iters: int | None = None,
+    eps: float = 1e-6,
+    coldness: float = 0.7,
+    target_loss: float | None = None,
+    target_loss_target_iters: int = 1,
+    starting_norm: float = 1.0,
+    max_norm: float | None = None,
+    affine_rank: int | None = None,
+    max_affine_norm: float | None = None,
+    vector_clamp: float | None = None,
+    do_one_minus: bool = True,
+    normalize_token_length: bool = False,
+    seed: int | None = None,
+    engine: str = "fast",
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]] | tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Optimise one vector over many prompts sharing the same completions, in minibatches.
+
+    Step ``i`` uses the ``i``-th minibatch of ``minibatch_size`` prompts (cycling in order), so every
+    prompt is used once per epoch. ``target_loss`` applies to the current minibatch's summed loss.
+    Padding is handled internally (sequences are right-padded and positions are exact), so the
+    tokenizer's padding side does not matter.
+
+    Returns ``(vector, info)`` (or ``(vector, matrix, info)`` with ``affine_rank``).
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("`prompts` must be a non-empty list of strings")
+    if not isinstance(minibatch_size, int) or minibatch_size < 1:
+        raise ValueError(f"`minibatch_size` must be an int >= 1, got {minibatch_size!r}")
+    dps = [TrainingDatapoint(p, src_completions=list(src_completions or []),
+                             dst_completions=list(dst_completions or [])) for p in prompts]
+    per_dp = len(dps[0].src_completions) + len(dps[0].dst_completions)
+    batches = [list(range(i, min(i + minibatch_size, len(dps)))) for i in range(0, len(dps), minibatch_size)]
+    seq_batches = [[d * per_dp + k for d in b for k in range(per_dp)] for b in batches]
+
+    def subset_fn(step: int) -> list[int] | None:
+        return None if len(seq_batches) == 1 else seq_batches[step % len(seq_batches)]
+
+    return _optimize_with_subsets(
+        model, tokenizer, dps, layer, subset_fn, lr=lr, max_iters=max_iters, eps=eps, coldness=coldness,
+        target_loss=target_loss, target_loss_target_iters=target_loss_target_iters, starting_norm=starting_norm,
+        max_norm=max_norm, affine_rank=affine_rank, max_affine_norm=max_affine_norm, vector_clamp=vector_clamp,
+        do_one_minus=do_one_minus, normalize_token_length=normalize_token_length, seed=seed, engine=engine,
+        progress=progress)
+
+
+def _optimize_with_subsets(model: nn.Module, tokenizer: Any, dps: list[TrainingDatapoint], layer: Any,
+                           subset_fn: Callable[[int], list[int] | None], *, lr: float, max_iters: int | None,
+                           eps: float, coldness: float, target_loss: float | None, target_loss_target_iters: int,
+                           starting_norm: float, max_norm: float | None, affine_rank: int | None,
+                           max_affine_norm: float | None, vector_clamp: float | None, do_one_minus: bool,
+                           normalize_token_length: bool, seed: int | None, engine: str, progress: bool) -> Any:
+    layers = _check_layers(model, layer, "layer")
+    _check_positive("lr", lr, allow_none=False)
+    _check_positive("max_norm", max_norm)
+    _ensure_pad(tokenizer)
+    d = arch.hidden_size(model)
+    if affine_rank is not None and (not isinstance(affine_rank, int) or not 1 <= affine_rank <= d):
+        raise ValueError(f"`affine_rank` must be an int in [1, {d}], got {affine_rank!r}")
+    seqs = tokenize_datapoints(tokenizer, dps, max_length=_context_length(model))
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+    block = arch.get_site_module(model, layers[0])
+    device = next(block.parameters()).device if any(True for _ in block.parameters()) else torch.device("cpu")
+    with frozen_model(model):
+        vec = _init_vector(d, starting_norm, None, gen, device)
+        left = right = None
+        if affine_rank is not None:
+            left = (torch.randn(affine_rank, d, generator=gen) / math.sqrt(d)).to(device).requires_grad_(True)
+            right = (torch.randn(affine_rank, d, generator=gen) / math.sqrt(d)).to(device).requires_grad_(True)
+        params = _Params(vectors={x: vec for x in layers}, left=left, right=right, clamp=vector_clamp)
+        objective = Objective(coldness=coldness, do_one_minus=do_one_minus,
+                              normalize_token_length=normalize_token_length)
+        eng = make_engine(engine, model, seqs, layers, objective)
+        res = _run_loop(eng, params, lr=lr, max_iters=max_iters, eps=eps, target_loss=target_loss,
+                        do_target_loss_sum=True, target_loss_target_iters=target_loss_target_iters,
+                        max_norm=max_norm, max_affine_norm=max_affine_norm, subset_fn=subset_fn,
+                        progress=progress, desc="minibatch")
+    info = {"iters": res.steps, "loss": res.history[-1] if res.history else math.nan,
+            "loss_history": res.history, "status": res.status, "norm": float(vec.detach().norm()), "loss_units": "nats"}
+    if affine_rank is not None:
+        return vec.detach(), params.matrix(), info
+    return vec.detach(), info
