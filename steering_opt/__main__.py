@@ -1,0 +1,7 @@
+"""``python -m steering_opt``: the same as the ``steering-opt`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
