@@ -159,7 +159,7 @@ def _init_vector(d: int, starting_norm: float, starting_vec: torch.Tensor | None
 def _project(params: _Params, max_norm: float | None, max_affine_norm: float | None) -> None:
     with torch.no_grad():
         if max_norm is not None:
-            for v in params.tensors()[: len(params.vectors)]:
+            for v in params.tensors()[: len(params.tensors()) - (2 if params.left is not None else 0)]:
                 n = v.norm()
                 if n > max_norm:
                     v.mul_(max_norm / n)
@@ -199,6 +199,7 @@ def _run_loop(
 ) -> _LoopResult:
     """Adam loop shared by every optimiser. Evaluate → check stop → step → project."""
     seqs = engine.seqs
+    _project(params, max_norm, max_affine_norm)  # the caps hold from the first evaluation on
     opt = torch.optim.Adam(params.tensors(), lr=lr)
     cap = max_iters if max_iters is not None else DEFAULT_MAX_ITERS
     targets = torch.tensor([s.target if s.target is not None else math.inf for s in seqs])
@@ -218,7 +219,7 @@ def _run_loop(
             total = float(sub_losses.sum())
             if reg_fn is not None:
                 reg = reg_fn()
-                if not final_eval:
+                if not final_eval and reg.requires_grad:  # all-zero weights: a constant, nothing to do
                     reg.backward()
                 total_obj = total + float(reg)
             else:
