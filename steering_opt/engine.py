@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -190,8 +191,11 @@ class ReferenceEngine(Engine):
 
 @dataclasses.dataclass
 class _Chunk:
-    seq_idx: list[int]
+    seq_idx: list[int]  # sequences in this chunk (order of `owner`)
+    row_first: torch.Tensor  # (B,) index into seq_idx of each packed row's first sequence
     input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    attn: torch.Tensor | None  # (B, 1, T, T) additive tree mask, None = plain causal (right padding)
     mask: torch.Tensor | None  # (B, T) steering mask, None = all
     gather_b: torch.Tensor  # (N,)
     gather_t: torch.Tensor  # (N,)
@@ -201,63 +205,142 @@ class _Chunk:
 
 
 class FastEngine(Engine):
-    """Default engine: cached lower layers, one padded batch, logits only where needed.
+    """Default engine: cached lower layers, shared prompts, one padded batch, logits only where needed.
+
+    Prompt sharing: the completions of one datapoint are packed into one row after a single copy of
+    the prompt — ``[prompt, c_1, c_2, ...]`` — with position ids restarting at the prompt length for
+    each completion and a 4D attention mask in which each completion sees the prompt and its own
+    earlier tokens only. This is exact (the same attention inputs as separate sequences), and the
+    prompt runs once per step instead of once per completion. It is used with eager/SDPA attention
+    when no sliding window is shorter than the longest sequence; otherwise every completion gets its
+    own right-padded row.
 
     Args:
         max_batch_tokens: token budget (rows × padded length) of one forward/backward chunk; bounds
             memory for long prompts and many completions. Gradients are accumulated over chunks.
         cache_lower_layers: cache the input of the lowest steered block (exact: nothing below it is
             steered). Disable to trade speed for memory.
+        share_prompts: pack each datapoint's completions after one copy of its prompt (see above).
     """
 
     def __init__(self, model: nn.Module, seqs: Sequence[Seq], layers: Sequence[int], objective: Objective,
                  *, layer_config: arch.LayerConfig = None, max_batch_tokens: int = 16384,
-                 cache_lower_layers: bool = True):
+                 cache_lower_layers: bool = True, share_prompts: bool = True):
         super().__init__(model, seqs, layers, objective, layer_config=layer_config)
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens
         self.cache_lower_layers = cache_lower_layers and layer_config is None
+        self.share_prompts = share_prompts and self._tree_mask_ok()
         self.low = self.layers[0]
         self.head = model.get_output_embeddings()
         if self.head is None:
             raise ValueError("model has no output embeddings (get_output_embeddings() is None)")
+        self.dtype = next(model.parameters()).dtype
         self._chunks: dict[tuple[int, ...], list[_Chunk]] = {}
+
+    def _tree_mask_ok(self) -> bool:
+        cfg = getattr(self.model, "config", None)
+        impl = getattr(cfg, "_attn_implementation", None)
+        if impl not in ("eager", "sdpa"):
+            return False
+        longest = max(len(s.ids) for s in self.seqs)
+        for c in (cfg, getattr(cfg, "text_config", None)):
+            window = getattr(c, "sliding_window", None) if c is not None else None
+            if isinstance(window, int) and window < longest:
+                return False
+        return True
+
+    def _groups(self, idx: list[int]) -> list[list[int]]:
+        if not self.share_prompts:
+            return [[i] for i in idx]
+        groups: dict[int, list[int]] = {}
+        for i in idx:
+            groups.setdefault(self.seqs[i].datapoint, []).append(i)
+        out = []
+        for g in groups.values():  # split a group whose packed row would exceed the token budget
+            cur: list[int] = []
+            for i in g:
+                if cur and self._packed_len(cur + [i]) > self.max_batch_tokens:
+                    out.append(cur)
+                    cur = []
+                cur.append(i)
+            out.append(cur)
+        return out
+
+    def _packed_len(self, group: list[int]) -> int:
+        p = self.seqs[group[0]].prompt_len
+        return p + sum(self.seqs[i].completion_len for i in group)
 
     def _make_chunks(self, idx: list[int]) -> list[_Chunk]:
         chunks, cur = [], []
-        for i in idx:
-            longest = max([len(self.seqs[j].ids) for j in cur + [i]])
+        for g in self._groups(idx):
+            longest = max(self._packed_len(x) for x in cur + [g])
             if cur and longest * (len(cur) + 1) > self.max_batch_tokens:
                 chunks.append(self._build_chunk(cur))
                 cur = []
-            cur.append(i)
+            cur.append(g)
         if cur:
             chunks.append(self._build_chunk(cur))
         return chunks
 
-    def _build_chunk(self, idx: list[int]) -> _Chunk:
-        seqs = [self.seqs[i] for i in idx]
-        T = max(len(s.ids) for s in seqs)
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
-        masks, gb, gt, tg, ow = [], [], [], [], []
-        for b, s in enumerate(seqs):
-            ids[b, : len(s.ids)] = torch.tensor(s.ids)
-            m = torch.zeros(T, dtype=torch.bool)
-            m[: len(s.ids)] = True if s.steer_positions is None else torch.tensor(s.steer_positions)
-            masks.append(m)
-            n = s.completion_len
-            gb += [b] * n
-            gt += list(range(s.prompt_len - 1, len(s.ids) - 1))
-            tg += s.ids[s.prompt_len:]
-            ow += [b] * n
-        need_mask = any(s.steer_positions is not None for s in seqs)
+    def _build_chunk(self, groups: list[list[int]]) -> _Chunk:
+        seq_idx = [i for g in groups for i in g]
+        T = max(self._packed_len(g) for g in groups)
+        B = len(groups)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        seg = torch.full((B, T), -2, dtype=torch.long)  # -1 prompt, j completion j, -2 padding
+        steer_m = torch.zeros(B, T, dtype=torch.bool)
+        gb: list[int] = []
+        gt: list[int] = []
+        tg: list[int] = []
+        ow: list[int] = []
+        row_first = []
+        k = 0
+        for b, g in enumerate(groups):
+            row_first.append(k)
+            first = self.seqs[g[0]]
+            P = first.prompt_len
+            ids[b, :P] = torch.tensor(first.ids[:P])
+            pos[b, :P] = torch.arange(P)
+            seg[b, :P] = -1
+            flags0 = first.steer_positions
+            steer_m[b, :P] = True if flags0 is None else torch.tensor(flags0[:P])
+            o = P
+            for j, i in enumerate(g):
+                s = self.seqs[i]
+                n = s.completion_len
+                ids[b, o: o + n] = torch.tensor(s.ids[P:])
+                pos[b, o: o + n] = torch.arange(P, P + n)
+                seg[b, o: o + n] = j
+                steer_m[b, o: o + n] = True if s.steer_positions is None else torch.tensor(s.steer_positions[P:])
+                gb += [b] * n
+                gt += [P - 1] + list(range(o, o + n - 1))
+                tg += s.ids[P:]
+                ow += [k] * n
+                o += n
+                k += 1
+        attn = None
+        if self.share_prompts and any(len(g) > 1 for g in groups):
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == -1)
+            allowed = causal[None] & same & (seg[:, None, :] != -2)
+            allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding rows attend to themselves
+            attn = torch.zeros(B, 1, T, T, dtype=self.dtype)
+            attn.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
+            attn = attn.to(self.device)
+        need_mask = any(self.seqs[i].steer_positions is not None for i in seq_idx)
         return _Chunk(
-            seq_idx=idx, input_ids=ids.to(self.device),
-            mask=torch.stack(masks).to(self.device) if need_mask else None,
-            gather_b=torch.tensor(gb), gather_t=torch.tensor(gt), targets=torch.tensor(tg),
-            owner=torch.tensor(ow),
+            seq_idx=seq_idx, row_first=torch.tensor(row_first), input_ids=ids.to(self.device),
+            position_ids=pos.to(self.device), attn=attn,
+            mask=steer_m.to(self.device) if need_mask else None,
+            gather_b=torch.tensor(gb), gather_t=torch.tensor(gt), targets=torch.tensor(tg), owner=torch.tensor(ow),
         )
+
+    def _forward(self, chunk: _Chunk) -> Any:
+        return self.model(input_ids=chunk.input_ids, position_ids=chunk.position_ids, attention_mask=chunk.attn,
+                          use_cache=False)
 
     @torch.no_grad()
     def _fill_cache(self, chunk: _Chunk) -> None:
@@ -269,7 +352,7 @@ class FastEngine(Engine):
 
         with _hooks([(self.modules[self.low], grab)]):
             try:
-                self.model(input_ids=chunk.input_ids, use_cache=False)
+                self._forward(chunk)
             except _Stop:
                 pass
         chunk.cache = captured["h"]
@@ -298,12 +381,11 @@ class FastEngine(Engine):
                     log.info("lower-layer cache disabled for this architecture: %s", e)
                     self.cache_lower_layers = use_cache = False
             spec = spec_fn(chunk.seq_idx)
+            spec = dataclasses.replace(spec, rows={k: v[chunk.row_first.to(v.device)] for k, v in spec.rows.items()})
             pairs = []
             for layer in self.layers:
                 replace = chunk.cache if (use_cache and layer == self.low) else None
                 pairs.append((self.modules[layer], self._hook_for(layer, spec, chunk.mask, replace)))
-            if use_cache and self.low not in spec.rows:
-                pairs.append((self.modules[self.low], self._hook_for(self.low, spec, None, chunk.cache)))
             gb, gt = chunk.gather_b, chunk.gather_t
 
             def gather(module: nn.Module, args: tuple, gb: torch.Tensor = gb, gt: torch.Tensor = gt) -> tuple:
@@ -313,13 +395,12 @@ class FastEngine(Engine):
             with torch.set_grad_enabled(backward), _hooks(pairs), self._truncation():
                 handle = self.head.register_forward_pre_hook(gather)
                 try:
-                    logits = self.model(input_ids=chunk.input_ids, use_cache=False).logits[0]
+                    logits = self._forward(chunk).logits[0]
                 finally:
                     handle.remove()
                 logp = self.objective.token_logprobs(logits, chunk.targets)
                 idx_t = torch.tensor(chunk.seq_idx)
-                losses = self.objective.completion_losses(logp, chunk.owner, self.kinds[idx_t],
-                                                          self.lengths[idx_t])
+                losses = self.objective.completion_losses(logp, chunk.owner, self.kinds[idx_t], self.lengths[idx_t])
                 if backward:
                     if weights is None:
                         total = losses.sum()

@@ -201,7 +201,7 @@ def hf_hooks_contextmanager(
     handles = []
     try:
         for layer, fn in hook_infos:
-            module = arch.get_site_module(model, arch.resolve_layer(model, layer), site, layer_config)
+            module = arch.get_site_module(model, layer, site, layer_config)
             handles.append(_register_pre_hook(module, fn))
         yield
     finally:

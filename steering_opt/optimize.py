@@ -267,29 +267,33 @@ def _run_loop(
 
 def _tangent_noise_fn(engine: Engine, params: _Params, layers: list[int], noise_scale: float,
                       tangent: bool, gen: torch.Generator) -> Callable[[], dict[int, torch.Tensor]]:
-    """Gaussian noise per sequence row; the tangent variant removes the component along the gradient
-    ``g`` of that completion's unsteered loss (``n - (n·g/‖g‖²) g``; ``g`` computed once)."""
-    n_rows = len(engine.seqs)
+    """Gaussian noise (std ``noise_scale``) drawn per datapoint at every loss evaluation; the tangent
+    variant removes the component along the gradient ``g`` of the datapoint's unsteered loss,
+    ``n - (n·g/‖g‖²) g`` (``g`` computed once: it does not change). Returns per-sequence rows."""
+    seqs = engine.seqs
+    owner = torch.tensor([s.datapoint for s in seqs])
+    n_dp = int(owner.max()) + 1
     v0 = next(iter(params.vectors.values()))
     d = v0.shape[0]
     grads = None
     if tangent:
-        zero = torch.zeros(n_rows, d, device=v0.device, requires_grad=True)
+        zero = torch.zeros(len(seqs), d, device=v0.device, requires_grad=True)
 
         def zero_spec(idx: list[int]) -> SteerSpec:
             return SteerSpec(rows={layer: zero[idx] for layer in layers})
 
         engine.run(zero_spec, backward=True)
-        grads = zero.grad.detach() if zero.grad is not None else torch.zeros(n_rows, d)
+        per_seq = zero.grad.detach().float().cpu() if zero.grad is not None else torch.zeros(len(seqs), d)
+        grads = torch.zeros(n_dp, d).index_add(0, owner, per_seq)
 
     def fn() -> dict[int, torch.Tensor]:
-        n = torch.randn(n_rows, d, generator=gen).to(v0.device) * noise_scale
+        n = torch.randn(n_dp, d, generator=gen) * noise_scale
         if grads is not None:
             g2 = (grads * grads).sum(-1, keepdim=True)
-            coef = torch.where(g2 > 0, (n * grads).sum(-1, keepdim=True) / g2.clamp_min(1e-30),
-                               torch.zeros_like(g2))
+            coef = torch.where(g2 > 0, (n * grads).sum(-1, keepdim=True) / g2.clamp_min(1e-30), torch.zeros_like(g2))
             n = n - coef * grads
-        return {layer: n for layer in layers}
+        rows = n[owner].to(v0.device)
+        return {layer: rows for layer in layers}
 
     fn.grads = grads  # type: ignore[attr-defined]
     return fn
