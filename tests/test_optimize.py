@@ -652,3 +652,33 @@ def test_minibatch_does_not_depend_on_the_padding_side(model, left_tokenizer, ri
     b, ib = so.optimize_vector_minibatch_hf(model, right_tokenizer, PROMPTS, LAYER, **kw)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ia["loss_history"], ib["loss_history"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("token,positions", [(-1, [4]), (slice(-2, None), [3, 4, 5, 6]), ([1], [1])])
+def test_token_hook_steers_the_same_positions_during_cached_generation(model, tokenizer, token, positions):
+    """With a KV cache the hook sees one new token at a time; it must steer the same positions as in
+    one full pass (negative indices stay attached to the end of the prompt)."""
+    v = torch.randn(D, generator=torch.Generator().manual_seed(6))
+    ids = torch.tensor([enc(tokenizer, PROMPT, True)])
+    store = []
+    with so.hf_hooks_contextmanager(model, [(LAYER, so.make_steering_hook_hf(v, token=token))]):
+        handle = _capture_block_input(model, LAYER, store)
+        try:
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)
+        finally:
+            handle.remove()
+    assert out.shape[1] == 8 and [h.shape[1] for h in store] == [5, 1, 1]  # prefill, then one token at a time
+    steered = torch.cat(store, dim=1)[0]
+    plain = []
+    handle = _capture_block_input(model, LAYER, plain)
+    try:
+        with torch.no_grad():
+            model(input_ids=out[:, :-1])  # the block inputs below the steered layer do not depend on steering
+    finally:
+        handle.remove()
+    diff = steered - plain[0][0]
+    mask = torch.zeros(7, dtype=torch.bool)
+    mask[positions] = True
+    assert float(diff[~mask].abs().max()) < 1e-4  # cached vs full forward: float32 round-off only
+    torch.testing.assert_close(diff[mask], v.expand(int(mask.sum()), -1), atol=1e-4, rtol=1e-5)
