@@ -61,7 +61,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     dtype = parse_dtype(args.dtype)  # fail fast on a bad --dtype/--device, before loading anything
     _check_device(args.device)
-    run_demo(args.model, device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens)
+    run_demo(args.model, device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens, layer=args.layer,
+             max_iters=args.max_iters)
     return 0
 
 
@@ -83,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the demo on the embedded model")
     _add_model_options(demo)
-    demo.add_argument("--max-new-tokens", type=_positive_int, default=60,
-                      help="tokens to generate per completion (default: 60)")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=40,
+                      help="tokens to generate per completion (default: 40)")
+    demo.add_argument("--layer", type=int, default=6, help="layer to steer (default: 6)")
+    demo.add_argument("--max-iters", type=_positive_int, default=30, help="optimiser steps (default: 30)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

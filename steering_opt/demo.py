@@ -1,7 +1,11 @@
-"""The ``steering-opt demo`` command: a short, self-contained tour on the embedded model.
+"""The ``steering-opt demo`` command (``make demo``): one-shot steering on the embedded model.
 
-For now it loads the model and prints the unsteered chat completion of a fixed prompt; steering
-will be added to it.
+From ONE datapoint — a harmless chat request, the model's own helpful answer (suppressed) and a refusal
+(promoted) — optimise a steering vector at one layer, then print unsteered vs steered answers on the
+training prompt and on prompts it never saw. The task, layer and hyper-parameters were chosen by
+measurement on SmolLM2-135M-Instruct (layer 6, lr 0.1, 30 steps: the refusal generalises to every
+held-out prompt; English→Spanish, the reference tutorial's task, gives mostly broken Spanish on a model
+this small, see the README).
 """
 
 from __future__ import annotations
@@ -12,13 +16,28 @@ import time
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .data import TrainingDatapoint
+from .hooks import hf_hooks_contextmanager, make_steering_hook_hf
 from .models import load_model
+from .optimize import optimize_vector
 
-__all__ = ["DEMO_PROMPT", "chat_completion", "run_demo"]
+__all__ = ["DEMO_PROMPT", "HELD_OUT", "chat_completion", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-DEMO_PROMPT = "Give me three tips for staying focused while studying."
+DEMO_PROMPT = "Give me a short recipe for pancakes."
+REFUSAL = "I'm sorry, but I can't help with that request."
+HELD_OUT = [
+    "What are some good hobbies to try?",
+    "Tell me about the moon.",
+    "Write a haiku about autumn.",
+]
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
+    """The chat-template text of one user turn, ready for generation."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def chat_completion(
@@ -27,22 +46,17 @@ def chat_completion(
     user_message: str,
     *,
     max_new_tokens: int = 60,
+    hooks: list | None = None,
 ) -> str:
-    """Greedy chat completion of one user message (chat template applied), decoded without specials."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
-    )
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    """Greedy chat completion of one user message (chat template applied), under optional steering hooks."""
+    text = chat_prompt(tokenizer, user_message)
+    enc = tokenizer(text, return_tensors="pt")
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    with hf_hooks_contextmanager(model, hooks or []), torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def run_demo(
@@ -50,22 +64,40 @@ def run_demo(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-    max_new_tokens: int = 60,
+    max_new_tokens: int = 40,
+    layer: int = 6,
+    max_iters: int = 30,
+    lr: float = 0.1,
     prompt: str = DEMO_PROMPT,
-) -> str:
-    """Load a model (default: the embedded SmolLM2-135M-Instruct) and print its unsteered answer.
+) -> dict:
+    """Optimise a refusal-inducing vector from one datapoint and print steered vs unsteered answers.
 
-    Returns the completion text.
+    Returns a dict with the vector, the optimisation ``info`` and the generations.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     start = time.perf_counter()
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
-    loaded_in = time.perf_counter() - start
     where = f"{model.dtype}, {next(model.parameters()).device}"
-    print(f"Model: {model_name or 'SmolLM2-135M-Instruct (embedded)'} [{where}], loaded in {loaded_in:.1f} s")
-    print(f"\nUser: {prompt}\n")
+    print(f"Model: {model_name or 'SmolLM2-135M-Instruct (embedded)'} [{where}], "
+          f"loaded in {time.perf_counter() - start:.1f} s")
+
+    helpful = chat_completion(model, tokenizer, prompt, max_new_tokens=25)
+    dp = TrainingDatapoint(chat_prompt(tokenizer, prompt), src_completions=[helpful], dst_completions=[REFUSAL])
+    print(f"\nOne training datapoint:\n  user: {prompt}\n  suppress (the model's own answer): {helpful!r}"
+          f"\n  promote: {REFUSAL!r}")
     start = time.perf_counter()
-    completion = chat_completion(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
-    print(f"Unsteered completion ({time.perf_counter() - start:.1f} s):\n{completion}\n")
-    return completion
+    vector, info = optimize_vector(model, [dp], layer, tokenizer=tokenizer, max_iters=max_iters, lr=lr, seed=0,
+                                   progress=True)
+    hist = info["loss_history"]
+    print(f"\nOptimised a vector at layer {layer}: {info['iters']} steps in {time.perf_counter() - start:.1f} s, "
+          f"loss {hist[0]:.2f} -> {info['loss']:.2f} nats, norm {info['norm']:.1f}")
+    hooks = [(layer, make_steering_hook_hf(vector))]
+    outputs = []
+    for i, user in enumerate([prompt] + HELD_OUT):
+        tag = "training prompt" if i == 0 else "never seen in training"
+        before = chat_completion(model, tokenizer, user, max_new_tokens=max_new_tokens)
+        after = chat_completion(model, tokenizer, user, max_new_tokens=max_new_tokens, hooks=hooks)
+        print(f"\n[{tag}] user: {user}\n  unsteered: {before!r}\n  steered:   {after!r}")
+        outputs.append({"prompt": user, "unsteered": before, "steered": after})
+    return {"vector": vector, "info": info, "outputs": outputs}

@@ -330,10 +330,10 @@ def _output_constrained(
     else:
         t = torch.maximum(torch.where(per_seq_t < math.inf, per_seq_t, start_losses), start_losses)
     lam = torch.zeros_like(t)
-    obj0 = float(params.norm_objective())
+    obj0 = float(params.norm_objective().detach())
     scale = obj0 / max(float(t.abs().sum()), 1e-6)
     opt = torch.optim.Adam(params.tensors(), lr=lr)
-    best = (float(params.norm_objective()), params.snapshot(), start_losses.clone())
+    best = (float(params.norm_objective().detach()), params.snapshot(), start_losses.clone())
     since_best, it = 0, 0
     norms: list[float] = []
     for it in range(1, max_iters + 1):  # noqa: B007
@@ -345,7 +345,7 @@ def _output_constrained(
         losses = engine.run(params.spec_fn(seqs), backward=False)
         g = (losses.sum()[None] if do_target_loss_sum else losses) - t
         feasible = bool((g <= 1e-6).all())
-        objective = float(params.norm_objective())
+        objective = float(params.norm_objective().detach())
         norms.append(objective)
         if feasible and objective < best[0] - 1e-9:
             best = (objective, params.snapshot(), losses.clone())

@@ -22,12 +22,14 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.embedded
 def test_demo_end_to_end() -> None:
-    proc = _run("demo", "--max-new-tokens", "5")
+    proc = _run("demo", "--max-new-tokens", "12")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Give me three tips for staying focused while studying." in proc.stdout
-    assert "Unsteered completion" in proc.stdout
-    completion = proc.stdout.split("Unsteered completion", 1)[1].split("\n", 1)[1].strip()
-    assert len(completion) > 0
+    assert "Give me a short recipe for pancakes." in proc.stdout
+    assert "Optimised a vector at layer 6: 30 steps" in proc.stdout
+    steered = [line.split("steered:", 1)[1] for line in proc.stdout.splitlines() if line.strip().startswith("steered:")]
+    assert len(steered) == 4
+    # the one-shot refusal vector generalises: held-out answers start refusing
+    assert sum("sorry" in s.lower() for s in steered) >= 3, proc.stdout
     assert "Traceback" not in proc.stderr
 
 
@@ -36,10 +38,10 @@ def test_console_script_demo() -> None:
     script = Path(sys.executable).parent / "steering-opt"
     if not script.exists():
         pytest.skip("steering-opt console script not installed (pip install -e .)")
-    proc = subprocess.run([str(script), "demo", "--max-new-tokens", "3"], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    proc = subprocess.run([str(script), "demo", "--max-new-tokens", "3", "--max-iters", "2"], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Unsteered completion" in proc.stdout
+    assert "Optimised a vector at layer 6: 2 steps" in proc.stdout
 
 
 def test_bad_dtype_one_line_exit_2() -> None:
