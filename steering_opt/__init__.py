@@ -17,11 +17,13 @@ from .hooks import frozen_model, hf_hooks_contextmanager, make_abl_mat, make_ste
 from .models import load_model, load_tokenizer
 from .optimize import optimize_vector, optimize_vector_minibatch_hf, optimize_vectors
 from .sampling import get_completion_logprob, get_completion_logprob_hf, sample_most_likely_completions_hf
+from .vector import SteeringVector
 
 __version__ = "0.2.0"
 
 __all__ = [
     "SITES",
+    "SteeringVector",
     "Objective",
     "TrainingDatapoint",
     "frozen_model",
