@@ -15,7 +15,7 @@ from .data import TrainingDatapoint
 from .engine import Objective
 from .hooks import frozen_model, hf_hooks_contextmanager, make_abl_mat, make_steering_hook_hf, steer
 from .models import load_model, load_tokenizer
-from .optimize import optimize_vector, optimize_vector_minibatch_hf, optimize_vectors
+from .optimize import make_melbo_loss_funcs, optimize_vector, optimize_vector_minibatch_hf, optimize_vectors
 from .sampling import get_completion_logprob, get_completion_logprob_hf, sample_most_likely_completions_hf
 from .vector import SteeringVector
 
@@ -36,6 +36,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "make_abl_mat",
+    "make_melbo_loss_funcs",
     "make_steering_hook_hf",
     "num_layers",
     "optimize_vector",

@@ -311,16 +311,22 @@ def _output_constrained(
     damping: float,
     patience: int,
     custom_loss: Callable[[], torch.Tensor] | None = None,
+    norm_bound_scale: float = 1.0,
 ) -> tuple[int, torch.Tensor, bool, list[float]]:
-    """Minimise ``‖v‖ (+‖M‖_F)`` subject to loss constraints by the modified differential method of
-    multipliers (Platt & Barr 1988), with projected multipliers for the inequality constraints.
+    """Minimise ``f = ‖v‖ (+‖M‖_F)`` subject to loss constraints by the modified differential method
+    of multipliers (Platt & Barr 1988), with projected multipliers for the inequality constraints.
 
     Constraints ``g_i = loss_i - t_i ≤ 0``: one on the summed loss (``do_target_loss_sum``) or one
     per completion. ``t_i = max(target_i, loss_i at the start)``, so the start point is feasible.
-    Lagrangian gradient: ``∇f + Σ_i max(0, λ_i + c·g_i) ∇g_i``; multipliers ascend
-    ``λ_i ← max(0, λ_i + lr·s·g_i)`` with ``s = ‖v₀‖ / Σt`` putting constraints on the objective's scale.
+    The parameter update follows ``∇f + Σ_i max(0, λ_i + c·s·g_i)·s·∇g_i`` (Adam, ``lr``); multipliers
+    ascend ``λ_i ← max(0, λ_i + lr·s·g_i)``; ``s = f₀ / Σ|t_i|`` puts the constraints on the
+    objective's scale. One forward+backward per iteration: the multiplier weights use the constraint
+    values of the previous evaluation. With ``custom_loss`` (e.g. MELBO) the objective is that
+    function and ``‖v‖ (+‖M‖_F) ≤ norm_bound_scale × its start value`` is one more constraint.
+
     Returns (iterations, losses of the returned parameters, whether they satisfy every constraint,
-    norm history). The returned parameters are the feasible ones with the smallest objective seen.
+    objective history). The returned parameters are the feasible ones with the smallest objective
+    seen (the start point if none is better).
     """
     seqs = engine.seqs
     per_seq_t = torch.tensor([s.target if s.target is not None else (target_loss if target_loss is not None
@@ -329,43 +335,118 @@ def _output_constrained(
         t = torch.tensor([max(target_loss if target_loss is not None else -math.inf, float(start_losses.sum()))])
     else:
         t = torch.maximum(torch.where(per_seq_t < math.inf, per_seq_t, start_losses), start_losses)
+    norm0 = float(params.norm_objective().detach())
+    scale = norm0 / max(float(t.abs().sum()), 1e-6)
     lam = torch.zeros_like(t)
-    obj0 = float(params.norm_objective().detach())
-    scale = obj0 / max(float(t.abs().sum()), 1e-6)
+    lam_norm = 0.0
+    g = (start_losses.sum()[None] if do_target_loss_sum else start_losses) - t
+    g_norm = 0.0
+
+    def objective() -> torch.Tensor:
+        return custom_loss() if custom_loss is not None else params.norm_objective()
+
     opt = torch.optim.Adam(params.tensors(), lr=lr)
-    best = (float(params.norm_objective().detach()), params.snapshot(), start_losses.clone())
+    best = (float(objective().detach()), params.snapshot(), start_losses.clone())
     since_best, it = 0, 0
-    norms: list[float] = []
+    history: list[float] = []
     for it in range(1, max_iters + 1):  # noqa: B007
         opt.zero_grad(set_to_none=True)
-        # weights for the per-sequence losses: d/dθ Σ_i w_i g_i
-        with torch.no_grad():
-            pass
-        # need the current losses to form the weights: evaluate once without grad, then with weights
-        losses = engine.run(params.spec_fn(seqs), backward=False)
+        mult = torch.clamp(lam + damping * scale * g, min=0) * scale
+        w = mult.expand(len(seqs)) if do_target_loss_sum else mult
+        losses = engine.run(params.spec_fn(seqs), weights=w, backward=True)
+        f = objective()
+        f_val = float(f.detach())
+        if custom_loss is not None:  # keep ‖v‖ bounded while optimising a custom objective
+            nrm = params.norm_objective()
+            g_norm = float(nrm.detach()) - norm_bound_scale * norm0
+            f = f + max(0.0, lam_norm + damping * g_norm) * nrm
+        f.backward()
         g = (losses.sum()[None] if do_target_loss_sum else losses) - t
-        feasible = bool((g <= 1e-6).all())
-        objective = float(params.norm_objective().detach())
-        norms.append(objective)
-        if feasible and objective < best[0] - 1e-9:
-            best = (objective, params.snapshot(), losses.clone())
+        feasible = bool((g <= 1e-6).all()) and g_norm <= 1e-6
+        history.append(f_val)
+        if feasible and f_val < best[0] - 1e-9:
+            best = (f_val, params.snapshot(), losses.clone())
             since_best = 0
         else:
             since_best += 1
         if since_best >= patience:
             break
-        mult = torch.clamp(lam + damping * scale * g, min=0) * scale
-        if bool((mult > 0).any()):
-            w = mult.expand(len(seqs)) if do_target_loss_sum else mult
-            engine.run(params.spec_fn(seqs), weights=w, backward=True)
-        f = custom_loss() if custom_loss is not None else params.norm_objective()
-        f.backward()
         opt.step()
         lam = torch.clamp(lam + lr * scale * g, min=0)
+        lam_norm = max(0.0, lam_norm + lr * g_norm)
     params.restore(best[1])
     final = engine.run(params.spec_fn(seqs), backward=False)
     g = (final.sum()[None] if do_target_loss_sum else final) - t
-    return it, final, bool((g <= 1e-4).all()), norms
+    return it, final, bool((g <= 1e-4).all()), history
+
+
+def make_melbo_loss_funcs(
+    target_layer: int, *, power: float = 1.0
+) -> tuple[Callable[..., dict], Callable[..., torch.Tensor]]:
+    """MELBO objective (Mack & Turner 2024) for the output-constrained phase.
+
+    Returns ``(pre_loss_func, loss_func)`` to pass as ``custom_output_constr_pre_loss_func`` /
+    ``custom_output_constr_loss_func`` of :func:`optimize_vector`: the phase then *maximises* the mean
+    distance ``‖h_T(steered) − h_T(unsteered)‖^power`` of the residual stream entering block
+    ``target_layer`` over the completion positions (from the last prompt token on), while the
+    completion losses stay within their targets and ``‖v‖`` stays ≤ its phase-1 value.
+    """
+
+    def _acts(model: nn.Module, tokenizer: Any, datapoints: Sequence[TrainingDatapoint], layers: list[int],
+              params: _Params | None) -> list[torch.Tensor]:
+        from .hooks import steer
+
+        seqs = tokenize_datapoints(tokenizer, datapoints)
+        block = arch.get_site_module(model, target_layer)
+        dev = next(model.parameters()).device
+        out = []
+        for s in seqs:
+            captured: dict[str, torch.Tensor] = {}
+            handles = []
+            if params is not None:
+                sign = s.sign
+                for layer in layers:
+                    def hook(m: nn.Module, args: tuple, kwargs: dict, layer: int = layer,
+                             sign: float = sign) -> tuple[tuple, dict]:
+                        h = arch.get_hidden_states(args, kwargs)
+                        h = steer(h, sign * params.vectors[layer], left=params.left, right=params.right,
+                                  clamp=params.clamp)
+                        return arch.replace_hidden_states(args, kwargs, h)
+                    handles.append(arch.get_site_module(model, layer).register_forward_pre_hook(hook, with_kwargs=True))
+
+            def grab(m: nn.Module, args: tuple, kwargs: dict, captured: dict = captured, start: int = s.prompt_len - 1
+                     ) -> None:
+                captured["h"] = arch.get_hidden_states(args, kwargs)[0, start:]
+                raise _StopForward
+
+            handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
+            try:
+                with torch.set_grad_enabled(params is not None):
+                    model(input_ids=torch.tensor([s.ids], device=dev), use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+            out.append(captured["h"])
+        return out
+
+    def pre_loss_func(model: nn.Module, tokenizer: Any, datapoints: Sequence[TrainingDatapoint], layers: list[int],
+                      params: _Params) -> dict:
+        with torch.no_grad():
+            return {"unsteered": [a.detach() for a in _acts(model, tokenizer, datapoints, layers, None)]}
+
+    def loss_func(model: nn.Module, tokenizer: Any, datapoints: Sequence[TrainingDatapoint], layers: list[int],
+                  params: _Params, unsteered: list[torch.Tensor]) -> torch.Tensor:
+        steered = _acts(model, tokenizer, datapoints, layers, params)
+        dist = [(a.float() - b.float()).norm(dim=-1).pow(power).mean() for a, b in zip(steered, unsteered)]
+        return -torch.stack(dist).mean()
+
+    return pre_loss_func, loss_func
+
+
+class _StopForward(Exception):
+    pass
 
 
 def _base_info(seqs: list[Seq], n_dp: int, res: _LoopResult, do_target_loss_sum: bool) -> dict[str, Any]:
@@ -412,6 +493,7 @@ def optimize_vector(
     output_constr_patience: int = 20,
     custom_output_constr_loss_func: Callable[..., torch.Tensor] | None = None,
     custom_output_constr_pre_loss_func: Callable[..., dict] | None = None,
+    output_constr_norm_initial_scale: float = 1.0,
     seed: int | None = None,
     engine: str = "fast",
     max_batch_tokens: int = 16384,
@@ -537,7 +619,8 @@ def optimize_vector(
                 do_target_loss_sum=do_target_loss_sum,
                 lr=output_constr_lr if output_constr_lr is not None else lr,
                 max_iters=max_output_constr_iters if max_output_constr_iters is not None else 200,
-                damping=output_constr_damping, patience=output_constr_patience, custom_loss=custom)
+                damping=output_constr_damping, patience=output_constr_patience, custom_loss=custom,
+                norm_bound_scale=output_constr_norm_initial_scale)
             nested = nest_losses(seqs, final.tolist(), len(datapoints))
             info.update(output_constr_iters=it, constraints_satisfied=ok, output_constr_norm_history=norms,
                         norm=float(vec.detach().norm()), completion_losses=nested,
