@@ -221,7 +221,7 @@ def _run_loop(
                 reg = reg_fn()
                 if not final_eval and reg.requires_grad:  # all-zero weights: a constant, nothing to do
                     reg.backward()
-                total_obj = total + float(reg)
+                total_obj = total + float(reg.detach())
             else:
                 total_obj = total
             if not math.isfinite(total_obj) or not params.finite():
