@@ -621,3 +621,27 @@ def truncated_blocks(model: nn.Module, start: int) -> Iterator[nn.ModuleList]:
         for cfg, attr, value in saved:
             setattr(cfg, attr, value)
         _TRUNCATED.discard(model)
+
+
+# --------------------------------------------------------------------------------- devices
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: its accelerate hook's ``execution_device`` when it is dispatched
+    (``device_map``, CPU/disk offload: the weights may live on ``meta``), else its first real parameter's
+    device, else the CPU."""
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None and not isinstance(dev, dict):
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+        for p in m.parameters(recurse=False):
+            if p.device.type != "meta":
+                return p.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device the model's input ids must be on (that of its input embeddings)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return execution_device(emb if emb is not None else model)

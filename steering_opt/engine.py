@@ -99,12 +99,6 @@ class _Stop(Exception):
     pass
 
 
-def _first_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 class Engine:
     """Common set-up: the model, the sequences, the steered layers and the objective."""
 
@@ -120,7 +114,7 @@ class Engine:
         }
         self.kinds = torch.tensor([s.kind for s in self.seqs])
         self.lengths = torch.tensor([s.completion_len for s in self.seqs], dtype=torch.float32)
-        self.device = _first_device(model)
+        self.device = arch.input_device(model)
 
     def run(self, spec_fn: SpecFn, *, weights: torch.Tensor | None = None, backward: bool = True,
             subset: Sequence[int] | None = None) -> torch.Tensor:

@@ -398,7 +398,7 @@ def make_melbo_loss_funcs(
 
         seqs = tokenize_datapoints(tokenizer, datapoints)
         block = arch.get_site_module(model, target_layer)
-        dev = next(model.parameters()).device
+        dev = arch.input_device(model)
         out = []
         for s in seqs:
             captured: dict[str, torch.Tensor] = {}
@@ -579,8 +579,7 @@ def optimize_vector(
                                target_loss=None if do_target_loss_sum else target_loss,
                                max_length=_context_length(model))
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-    device = arch.get_site_module(model, layers[0]).parameters().__next__().device \
-        if any(True for _ in arch.get_site_module(model, layers[0]).parameters()) else torch.device("cpu")
+    device = arch.execution_device(arch.get_site_module(model, layers[0]))
 
     with frozen_model(model):
         vec = _init_vector(d, starting_norm, starting_vec, gen, device)
@@ -695,7 +694,7 @@ def optimize_vectors(
         vecs = {}
         for layer_ in layer_list:
             block = arch.get_site_module(model, layer_)
-            dev = next(block.parameters()).device if any(True for _ in block.parameters()) else torch.device("cpu")
+            dev = arch.execution_device(block)
             vecs[layer_] = _init_vector(d, starting_norm, None, gen, dev)
         params = _Params(vectors=vecs)
 
@@ -797,7 +796,7 @@ def _optimize_with_subsets(model: nn.Module, tokenizer: Any, dps: list[TrainingD
     seqs = tokenize_datapoints(tokenizer, dps, max_length=_context_length(model))
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
     block = arch.get_site_module(model, layers[0])
-    device = next(block.parameters()).device if any(True for _ in block.parameters()) else torch.device("cpu")
+    device = arch.execution_device(block)
     with frozen_model(model):
         vec = _init_vector(d, starting_norm, None, gen, device)
         left = right = None

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import arch
 from .data import _encode
 from .engine import log1mexp
 
@@ -26,9 +27,7 @@ def _tokens(model: nn.Module, tokenizer: Any, text: str, *, special: bool) -> li
 
 
 def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    return arch.input_device(model) if hasattr(model, "get_input_embeddings") else next(model.parameters()).device
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
