@@ -170,6 +170,15 @@ def _project(params: _Params, max_norm: float | None, max_affine_norm: float | N
                     m.mul_(torch.where(n > max_affine_norm, max_affine_norm / n, torch.ones_like(n)))
 
 
+def _show_progress(progress: bool | None) -> bool:
+    """``None`` means: on inside a Jupyter kernel, off elsewhere (scripts, tests)."""
+    if progress is not None:
+        return bool(progress)
+    import sys
+
+    return "ipykernel" in sys.modules
+
+
 @dataclasses.dataclass
 class _LoopResult:
     steps: int
@@ -194,7 +203,7 @@ def _run_loop(
     noise_fn: Callable[[], dict[int, torch.Tensor]] | None = None,
     reg_fn: Callable[[], torch.Tensor] | None = None,
     subset_fn: Callable[[int], list[int] | None] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     desc: str = "optimize",
 ) -> _LoopResult:
     """Adam loop shared by every optimiser. Evaluate → check stop → step → project."""
@@ -208,7 +217,7 @@ def _run_loop(
     last_good = params.snapshot()
     status = "max_iters"
     losses = torch.zeros(len(seqs))
-    bar = tqdm(total=cap, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=cap, desc=desc, disable=not _show_progress(progress), leave=False)
     try:
         while True:
             final_eval = steps >= cap
@@ -497,7 +506,7 @@ def optimize_vector(
     seed: int | None = None,
     engine: str = "fast",
     max_batch_tokens: int = 16384,
-    progress: bool = False,
+    progress: bool | None = None,
     return_info: bool = True,
 ) -> Any:
     """Optimise one steering vector (optionally with a rank-r affine map) at ``layer``.
@@ -535,7 +544,7 @@ def optimize_vector(
         seed: seed for the initial vector and the noise (reproducible trajectories).
         engine: ``"fast"`` (default) or ``"reference"`` (naive algorithm).
         max_batch_tokens: memory bound of one forward/backward chunk (fast engine).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (default: on in Jupyter, off elsewhere).
 
     Returns:
         ``(vector, info)``, or ``(vector, matrix, info)`` with ``affine_rank``. ``vector`` has shape
@@ -658,7 +667,7 @@ def optimize_vectors(
     seed: int | None = None,
     engine: str = "fast",
     max_batch_tokens: int = 16384,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """Jointly optimise one vector per layer in ``layers``.
 
@@ -748,7 +757,7 @@ def optimize_vector_minibatch_hf(
     normalize_token_length: bool = False,
     seed: int | None = None,
     engine: str = "fast",
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]] | tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Optimise one vector over many prompts sharing the same completions, in minibatches.
 
