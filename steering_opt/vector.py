@@ -161,6 +161,23 @@ class SteeringVector:
             k: (a.to(*args, **kwargs), b.to(*args, **kwargs)) for k, (a, b) in self.affine.items()}
         return dataclasses.replace(self, layer_activations=acts, affine=affine)
 
+    # ------------------------------------------------------------------ persistence (see persist.py)
+    def save_pretrained(self, path: Any, *, model: nn.Module | None = None,
+                        metadata: dict[str, Any] | None = None) -> Any:
+        """Save atomically to a folder (or a ``.safetensors`` file); see :func:`steering_opt.persist.save`."""
+        from .persist import save
+
+        return save(self, path, model=model, metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, path: Any, *, model: nn.Module | None = None, allow_mismatch: bool = False,
+                        device: str | torch.device = "cpu") -> SteeringVector:
+        """Load a saved vector (never unpickles; checks it against ``model`` if given); see
+        :func:`steering_opt.persist.load`."""
+        from .persist import load_vector
+
+        return load_vector(path, model=model, allow_mismatch=allow_mismatch, device=device)
+
     # ------------------------------------------------------------------ application
     def patch(self, model: nn.Module, multiplier: float = 1.0, min_token_index: int = 0,
               token_indices: Sequence[int] | slice | torch.Tensor | None = None, operator: Operator | None = None,
