@@ -36,6 +36,7 @@ def steer(
     matrix: torch.Tensor | None = None,
     clamp: float | None = None,
     mask: torch.Tensor | None = None,
+    operator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Return steered activations (out of place, differentiable in every argument).
 
@@ -46,7 +47,11 @@ def steer(
             computed as ``(h rightᵀ) left`` (rank-r, never a dense ``d×d`` product).
         matrix: a dense ``(d, d)`` matrix ``M`` (tutorial compatibility): ``h -> h + h Mᵀ + v``.
         clamp: clamp coefficient ``c``: ``h -> h - (h·v̂) v̂ + c v`` (rank-1).
-        mask: bool ``(batch, seq)``; positions where it is False are left untouched.
+        mask: bool ``(batch, seq)``; positions where it is False are left untouched (a float mask
+            weights the change per position).
+        operator: ``operator(h, vector) -> delta`` (shape ``(batch, seq, d)`` or ``(d,)``) replacing the
+            additive/clamp rule (e.g. :func:`steering_opt.contrastive.ablation_operator`); the affine
+            terms, if any, are still added.
 
     Returns:
         Tensor of the same shape and dtype as ``h``.
@@ -55,7 +60,16 @@ def steer(
     if v.dim() == 1:
         v = v.expand(h.shape[0], -1)
     v = v[:, None, :]  # (batch, 1, d)
-    if clamp is not None:
+    if operator is not None:
+        out = operator(h, vector.to(device=h.device, dtype=h.dtype))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"operator must return a tensor, got {type(out).__name__}")
+        try:
+            delta = torch.broadcast_to(out.to(h), h.shape)
+        except RuntimeError as e:
+            raise ValueError(f"operator returned shape {tuple(out.shape)}; expected {tuple(h.shape)} or "
+                             f"({h.shape[-1]},)") from e
+    elif clamp is not None:
         norm = v.norm(dim=-1, keepdim=True)
         if bool((norm == 0).any()):
             raise ValueError("clamp steering needs a non-zero vector (got a vector of norm 0)")

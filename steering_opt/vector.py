@@ -8,15 +8,23 @@ Sites (``layer_type``): ``decoder_block`` steers the residual stream *entering* 
 pre-hook; the optimiser's site); every other site (``self_attn``, ``mlp``, ``input_layernorm``,
 ``post_attention_layernorm``) steers that module's *output* (a forward hook).
 
-Token positions are read from the ``position_ids`` each decoder block receives, so ``min_token_index``
-and ``token_indices`` select the same tokens with and without a KV cache.
+Token positions are read from the ``position_ids`` the model receives, and a model-level
+:class:`SequenceTracker` recognises the steps of a generation (with a KV cache or without one), so
+``min_token_index``, ``token_indices`` and ``injection_mode`` select the same tokens with and without a
+KV cache.
+
+Also here: :func:`resolve_site_module` (the one site lookup, including steering-vectors style
+``layer_config`` dicts) and :func:`register_site_hook` (the one place that knows that ``decoder_block``
+is read/steered at the block *input* and every other site at the module *output*).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +35,12 @@ from .hooks import steer
 
 #: ``operator(activation (b, s, d), vector (d,)) -> delta (b, s, d) or (d,)`` added to the activation.
 Operator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: A number, or a zero-argument callable returning the number (read at every forward).
+Multiplier = float | Callable[[], float]
+#: Positions to steer: int(s) (negative: from the end of the prompt), a slice, or a 1-D bool/float mask.
+TokenIndices = int | Sequence[int] | slice | torch.Tensor | None
+#: ``arch.LayerConfig`` (template / callable naming the module) or ``{layer_type: template or callable}``.
+SiteConfig = arch.LayerConfig | Mapping[str, Any]
 
 
 @dataclasses.dataclass
@@ -50,6 +64,13 @@ class SteeringVector:
     def __post_init__(self) -> None:
         if not isinstance(self.layer_activations, dict) or not self.layer_activations:
             raise ValueError("SteeringVector: `layer_activations` must be a non-empty {layer: tensor} dict")
+        for k, v in self.layer_activations.items():
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+                raise TypeError(f"SteeringVector: `layer_activations` keys must be int layers, got {k!r}")
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                what = f"tensor of dtype {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise TypeError(f"SteeringVector: `layer_activations[{k}]` must be a floating-point tensor (d,), "
+                                f"got a {what}")
         shapes = {tuple(v.shape) for v in self.layer_activations.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1:
             raise ValueError(f"SteeringVector: every vector must have the same shape (d,), got {sorted(shapes)}")
@@ -137,11 +158,20 @@ class SteeringVector:
             acts[k] = acts[k] + v.to(acts[k]) if k in acts else v.clone()
         return SteeringVector(acts, self.layer_type, metadata={"method": "sum"})
 
+    def __radd__(self, other: Any) -> SteeringVector:
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+            return self * 1.0  # so that sum([v1, v2, ...]) works
+        return NotImplemented
+
     def __mul__(self, scale: float) -> SteeringVector:
-        if not isinstance(scale, (int, float)):
+        """Scale the vector (and an affine map's ``left`` factors): ``(v * k).apply(m)`` steers exactly like
+        ``v.apply(m, multiplier=k)``."""
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             return NotImplemented
+        scale = float(scale)
+        affine = None if self.affine is None else {k: (a * scale, b.clone()) for k, (a, b) in self.affine.items()}
         return dataclasses.replace(self, layer_activations={k: v * scale for k, v in self.layer_activations.items()},
-                                   metadata=dict(self.metadata))
+                                   affine=affine, metadata=dict(self.metadata))
 
     __rmul__ = __mul__
 
@@ -179,34 +209,40 @@ class SteeringVector:
         return load_vector(path, model=model, allow_mismatch=allow_mismatch, device=device)
 
     # ------------------------------------------------------------------ application
-    def patch(self, model: nn.Module, multiplier: float = 1.0, min_token_index: int = 0,
-              token_indices: Sequence[int] | slice | torch.Tensor | None = None, operator: Operator | None = None,
-              layer_config: arch.LayerConfig = None) -> _Handle:
-        """Register the steering hooks on ``model`` and return a handle whose ``.remove()`` undoes it."""
+    def patch(self, model: nn.Module, multiplier: Multiplier = 1.0, min_token_index: int = 0,
+              token_indices: TokenIndices = None, operator: Operator | None = None,
+              layer_config: SiteConfig = None, *, injection_mode: str = "all") -> _Handle:
+        """Register the steering hooks on ``model`` and return a handle whose ``.remove()`` undoes it.
+
+        Arguments as in :meth:`apply`. Everything is checked, and every module located, before the first
+        hook is registered; if registration fails half-way the hooks already added are removed.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if arch.hidden_size(model) != self.hidden_size:
             raise ValueError(f"this steering vector has hidden size {self.hidden_size}, the model "
                              f"{arch.model_fingerprint(model).get('name_or_path') or type(model).__name__} "
                              f"has {arch.hidden_size(model)}")
-        if not isinstance(multiplier, (int, float)):
-            raise TypeError(f"`multiplier` must be a number, got {type(multiplier).__name__}")
-        if not isinstance(min_token_index, int) or min_token_index < 0:
-            raise ValueError(f"`min_token_index` must be an int >= 0, got {min_token_index!r}")
+        _check_multiplier(multiplier)
+        if self.clamp is not None and not callable(multiplier) and multiplier == 0:
+            raise ValueError("`multiplier` must be non-zero for a clamp steering vector (its direction is v/|v|)")
+        selection = TokenSelection(min_token_index, token_indices, injection_mode)
+        if operator is not None:
+            if not callable(operator):
+                raise TypeError(f"`operator` must be a callable (activation, vector) -> delta, got "
+                                f"{type(operator).__name__}")
+            if self.kind != "additive":
+                raise ValueError(f"`operator` only applies to additive steering vectors; this one is {self.kind!r}")
+        targets = [(layer, resolve_site_module(model, layer, self.layer_type, layer_config)) for layer in self.layers]
+        tracker = SequenceTracker()
         handles: list[Any] = []
         try:
-            for layer, vec in self.layer_activations.items():
-                layer_r = arch.resolve_layer(model, layer) if layer_config is None else layer
-                block = arch.get_site_module(model, layer_r, "decoder_block", layer_config)
-                site = block if self.layer_type == "decoder_block" else \
-                    arch.get_site_module(model, layer_r, self.layer_type, None)
-                state: dict[str, torch.Tensor] = {}
+            handles.append(model.register_forward_pre_hook(tracker, with_kwargs=True))
+            for layer, module in targets:
                 factors = self.affine.get(layer) if self.affine else None
-                fn = _make_apply(vec, multiplier, self.clamp, factors, min_token_index, token_indices, operator,
-                                 state)
-                if self.layer_type == "decoder_block":
-                    handles.append(block.register_forward_pre_hook(_pre(fn, state), with_kwargs=True))
-                else:
-                    handles.append(block.register_forward_pre_hook(_remember_positions(state), with_kwargs=True))
-                    handles.append(site.register_forward_hook(_post(fn)))
+                fn = _make_apply(self.layer_activations[layer], multiplier, self.clamp, factors, selection,
+                                 operator, tracker)
+                handles.append(register_site_hook(module, self.layer_type, fn))
         except BaseException:
             for h in handles:
                 h.remove()
@@ -214,19 +250,36 @@ class SteeringVector:
         return _Handle(handles)
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module, multiplier: float = 1.0, min_token_index: int = 0,
-              token_indices: Sequence[int] | slice | torch.Tensor | None = None, operator: Operator | None = None,
-              layer_config: arch.LayerConfig = None) -> Iterator[SteeringVector]:
+    def apply(self, model: nn.Module, multiplier: Multiplier = 1.0, min_token_index: int = 0,
+              token_indices: TokenIndices = None, operator: Operator | None = None,
+              layer_config: SiteConfig = None, *, injection_mode: str = "all") -> Iterator[SteeringVector]:
         """Context manager: steer ``model`` inside the block; hooks are always removed on exit.
 
+        Token selection (all criteria combine with AND; positions are the model's ``position_ids``, so
+        with left padding under ``generate`` they count from each row's first real token):
+
         Args:
-            multiplier: scales the vector (and the affine map).
+            model: the model to steer (any ``nn.Module`` whose blocks :mod:`steering_opt.arch` finds).
+            multiplier: scales the vector (and the affine map): a number, or a zero-argument callable
+                returning the number, read again at every forward (used by the injectors).
             min_token_index: steer only positions ``>= min_token_index``.
-            token_indices: steer only these positions (list, slice, or a bool/float mask ``(seq,)``).
-            operator: ``(activation, vector) -> delta`` replacing plain addition (e.g.
-                ``ablation_then_addition_operator()``); additive vectors only.
+            token_indices: steer only these positions: an int or a list of ints (negative ints count from
+                the end of the prompt, i.e. the first forward of a generation, and stay attached to the
+                same token while generating), a slice (negative bounds likewise), a bool mask ``(seq,)``
+                indexed by position, or a float tensor ``(seq,)`` of per-position weights.
+            operator: ``(activation (b, s, d), vector (d,)) -> delta`` added instead of the vector (e.g.
+                :func:`~steering_opt.contrastive.ablation_then_addition_operator`); additive vectors only.
+                The vector it receives is already multiplied by ``multiplier``.
+            layer_config: where the modules are: ``None`` (the architecture table), a template / callable
+                naming this vector's module (see :func:`resolve_site_module`), or a dict
+                ``{layer_type: template or callable}`` (steering-vectors style).
+            injection_mode: ``"all"`` (every selected position), ``"first"`` (the prompt's first token),
+                ``"last"`` (the prompt's last token and every generated token) or ``"generated"`` (only
+                generated tokens). Generation is recognised identically with a KV cache and without one
+                (``use_cache=False``), so the same tokens are steered: see :class:`SequenceTracker`.
         """
-        handle = self.patch(model, multiplier, min_token_index, token_indices, operator, layer_config)
+        handle = self.patch(model, multiplier, min_token_index, token_indices, operator, layer_config,
+                            injection_mode=injection_mode)
         try:
             yield self
         finally:
@@ -234,7 +287,7 @@ class SteeringVector:
 
 
 class _Handle:
-    """Removes the hooks of one :meth:`SteeringVector.patch` call."""
+    """Removes the hooks of one :meth:`SteeringVector.patch` call (also a context manager)."""
 
     def __init__(self, handles: list[Any]):
         self._handles = handles
@@ -251,68 +304,302 @@ class _Handle:
         self.remove()
 
 
-def _positions_from(kwargs: dict, h: torch.Tensor) -> torch.Tensor:
-    pos = kwargs.get("position_ids")
-    if pos is None:
-        return torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
-    return pos.to(h.device).expand(h.shape[0], -1)
+# ------------------------------------------------------------------------------ sites
 
 
-def _make_apply(vec: torch.Tensor, multiplier: float, clamp: float | None,
-                factors: tuple[torch.Tensor, torch.Tensor] | None, min_token_index: int,
-                token_indices: Any, operator: Operator | None, state: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        pos = state.get("pos")
-        if pos is None or pos.shape[-1] != h.shape[1]:
-            pos = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
-        mask = pos >= min_token_index
-        if token_indices is not None:
-            if isinstance(token_indices, slice):
-                sel = torch.zeros_like(mask)
-                start = token_indices.start or 0
-                stop = token_indices.stop if token_indices.stop is not None else 2**62
-                sel = (pos >= start) & (pos < stop)
-            elif isinstance(token_indices, torch.Tensor) and token_indices.dtype == torch.bool:
-                tmask = token_indices.to(h.device)
-                sel = torch.zeros_like(mask)
-                inside = pos < tmask.shape[-1]
-                sel[inside] = tmask[pos[inside]]
-            else:
-                idx = torch.as_tensor(list(token_indices), device=h.device)
-                sel = (pos[..., None] == idx).any(-1)
-            mask = mask & sel
-        v = vec.to(h) * multiplier
-        if operator is not None:
-            delta = operator(h, v)
-            return h + delta.to(h) * mask[..., None].to(h)
+def resolve_site_module(model: nn.Module, layer: int, layer_type: str = "decoder_block",
+                        layer_config: SiteConfig = None) -> nn.Module:
+    """The module of ``layer_type`` at ``layer``: the one lookup used for steering and for reading.
+
+    Args:
+        layer: block index (negative counts from the end).
+        layer_type: a site name (:data:`steering_opt.arch.SITES`).
+        layer_config: ``None`` (the architecture table, :func:`steering_opt.arch.get_site_module`); a
+            template such as ``"model.layers.{num}.mlp"`` or a callable ``(model, layer) -> module`` naming
+            the exact module for this ``layer_type``; or a dict ``{layer_type: template or callable}`` as in
+            steering-vectors, whose callables may also be ``num -> "dotted.path"`` (site types missing
+            from the dict come from the table).
+
+    Raises:
+        TypeError / ValueError: bad ``layer_type``, ``layer`` or ``layer_config`` (the message says what
+            was expected); :class:`~steering_opt.arch.ArchitectureError` if the module cannot be found.
+    """
+    if not isinstance(layer_type, str):
+        raise TypeError(f"`layer_type` must be a str (one of {arch.SITES}), got {type(layer_type).__name__}")
+    if isinstance(layer_config, Mapping):
+        bad = [k for k in layer_config if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"`layer_config` dict keys must be layer_type names, got {bad!r}")
+        if layer_type not in layer_config:
+            return arch.get_site_module(model, layer, layer_type)
+        selector = layer_config[layer_type]
+        if callable(selector) and not isinstance(selector, str) and _n_positional(selector) == 1:
+            selector = _path_selector(selector)
+        return arch.get_site_module(model, layer, "decoder_block", selector)
+    if layer_config is not None:
+        return arch.get_site_module(model, layer, "decoder_block", layer_config)
+    return arch.get_site_module(model, layer, layer_type)
+
+
+def _n_positional(fn: Callable) -> int:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+
+def _path_selector(fn: Callable[[int], str]) -> Callable[[nn.Module, int], nn.Module]:
+    """Adapt a steering-vectors style ``num -> "dotted.path"`` selector to ``(model, layer) -> module``."""
+
+    def select(model: nn.Module, layer: int) -> nn.Module:
+        path = fn(layer)
+        if not isinstance(path, str):
+            raise TypeError(f"layer_config callable must return a dotted module path (str) for layer {layer}, "
+                            f"got {type(path).__name__}")
+        try:
+            return model.get_submodule(path)
+        except AttributeError as e:
+            raise ValueError(f"layer_config: model has no submodule {path!r} (layer {layer})") from e
+
+    return select
+
+
+#: ``fn(activation (b, s, d), position_ids (b, s) or None) -> new activation, or None to leave it``.
+SiteFn = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+def register_site_hook(module: nn.Module, layer_type: str, fn: SiteFn) -> torch.utils.hooks.RemovableHandle:
+    """Hook ``fn`` at the site convention of ``layer_type``; returns the removable handle.
+
+    ``decoder_block``: a forward pre-hook on the block, ``fn`` sees (and may replace) the residual stream
+    *entering* it (``hidden_states[L]``) and the block's ``position_ids``. Every other site: a forward
+    hook, ``fn`` sees (and may replace) the module's output. Used for steering and reading alike, so a
+    vector read at a site is applied at the very same tensor.
+    """
+    if layer_type == "decoder_block":
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            h = arch.get_hidden_states(args, kwargs)
+            out = fn(h, kwargs.get("position_ids"))
+            return None if out is None else arch.replace_hidden_states(args, kwargs, out)
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def post_hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+        h = arch.get_output_hidden_states(output)
+        out = fn(h, None)
+        return None if out is None else arch.replace_output_hidden_states(output, out)
+
+    return module.register_forward_hook(post_hook)
+
+
+# ------------------------------------------------------------------------------ token positions
+
+
+def _cache_len(cache: Any) -> int:
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if callable(get):
+        try:
+            return int(get())
+        except Exception:  # caches of unusual layouts: assume nothing cached
+            return 0
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        first = cache[0][0]
+        return int(first.shape[-2]) if isinstance(first, torch.Tensor) else 0
+    return 0
+
+
+class SequenceTracker:
+    """Forward pre-hook on the whole model: where the current forward's tokens sit in their sequence.
+
+    For each forward it records ``positions`` ``(b, n)`` (the ``position_ids`` passed to the model, else
+    ``past_length + arange(n)``, as the model computes them), ``real`` ``(b, n)`` (the attention mask's
+    columns for these tokens, or None) and, per row, ``prompt_start`` / ``prompt_end`` (first position
+    / one past the last position of the real tokens of the *prompt*).
+
+    A forward is the next step of a generation (and keeps the prompt bounds) when it has a non-empty KV
+    cache, or when its ``input_ids`` extend the previous forward's ``input_ids`` (``generate`` with
+    ``use_cache=False`` re-feeds the whole sequence); any other forward starts a new prompt. Hence
+    "last prompt token", "generated tokens" and negative indices select the same tokens with and
+    without a KV cache.
+    """
+
+    def __init__(self) -> None:
+        self.positions: torch.Tensor | None = None
+        self.real: torch.Tensor | None = None
+        self.prompt_start: torch.Tensor | None = None
+        self.prompt_end: torch.Tensor | None = None
+        self._prev_ids: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
+            self.positions = self.real = self.prompt_start = self.prompt_end = self._prev_ids = None
+            return
+        b, n = int(ref.shape[0]), int(ref.shape[1])
+        past = _cache_len(kwargs.get("cache", kwargs.get("past_key_values")))
+        pos = kwargs.get("position_ids")
+        if not (isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == n and pos.shape[0] in (1, b)):
+            pos = torch.arange(past, past + n, device=ref.device)[None]
+        pos = pos.to(ref.device).long().expand(b, n)
+        mask = kwargs.get("attention_mask")
+        real = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= n:
+            real = mask[:, mask.shape[1] - n:].to(ref.device).bool()
+        prev = self._prev_ids
+        continuation = past > 0 or (
+            ids is not None and prev is not None and prev.shape[0] == b and n > prev.shape[1]
+            and torch.equal(ids[:, : prev.shape[1]], prev.to(ids.device)))
+        if not continuation or self.prompt_end is None or self.prompt_end.shape[0] != b:
+            self.prompt_start, self.prompt_end = _bounds(pos, real)
+        self._prev_ids = ids.detach().clone() if ids is not None and ids.dim() == 2 else None
+        self.positions, self.real = pos, real
+
+
+def _bounds(pos: torch.Tensor, real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: first position and one past the last position of the real tokens (all if none are real)."""
+    if real is not None:
+        real = real & real.any(dim=1, keepdim=True) | ~real.any(dim=1, keepdim=True)
+        start = pos.masked_fill(~real, 2**62).min(dim=1).values
+        end = pos.masked_fill(~real, -1).max(dim=1).values + 1
+        return start, end
+    return pos.min(dim=1).values, pos.max(dim=1).values + 1
+
+
+def current_positions(h: torch.Tensor, position_ids: torch.Tensor | None,
+                      tracker: SequenceTracker | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(positions (b, s), prompt_start (b,), prompt_end (b,))`` for activations ``h`` ``(b, s, d)``.
+
+    Positions come from the block's ``position_ids``, else from the tracker, else ``arange(s)``; the
+    prompt bounds from the tracker, else from these positions (the forward is taken as a whole prompt).
+    """
+    b, n = int(h.shape[0]), int(h.shape[1])
+    candidates = (position_ids, tracker.positions if tracker is not None else None)
+    pos = next((c for c in candidates if isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[-1] == n
+                and c.shape[0] in (1, b)), None)
+    pos = torch.arange(n, device=h.device)[None] if pos is None else pos
+    pos = pos.to(h.device).long().expand(b, n)
+    if tracker is not None and tracker.prompt_end is not None and tracker.prompt_end.shape[0] == b:
+        return pos, tracker.prompt_start.to(h.device), tracker.prompt_end.to(h.device)
+    start, end = _bounds(pos, None)
+    return pos, start, end
+
+
+INJECTION_MODES: tuple[str, ...] = ("all", "first", "last", "generated")
+
+
+class TokenSelection:
+    """Which token positions to steer (validated once, evaluated at every forward).
+
+    See :meth:`SteeringVector.apply` for the meaning of the arguments.
+    """
+
+    def __init__(self, min_token_index: int = 0, token_indices: TokenIndices = None, injection_mode: str = "all"):
+        if isinstance(min_token_index, bool) or not isinstance(min_token_index, numbers.Integral) \
+                or min_token_index < 0:
+            raise ValueError(f"`min_token_index` must be an int >= 0, got {min_token_index!r}")
+        if injection_mode not in INJECTION_MODES:
+            raise ValueError(f"`injection_mode` must be one of {INJECTION_MODES}, got {injection_mode!r}")
+        self.min_token_index = int(min_token_index)
+        self.injection_mode = injection_mode
+        self.indices: torch.Tensor | None = None
+        self.slice: slice | None = None
+        self.weights: torch.Tensor | None = None
+        ti = token_indices
+        if ti is None:
+            pass
+        elif isinstance(ti, slice):
+            for name, bound in (("start", ti.start), ("stop", ti.stop)):
+                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, numbers.Integral)):
+                    raise TypeError(f"`token_indices` slice {name} must be an int or None, got {bound!r}")
+            if ti.step not in (None, 1):
+                raise ValueError(f"`token_indices` slice step must be 1 (or None), got {ti.step!r}")
+            self.slice = ti
+        elif isinstance(ti, torch.Tensor) and ti.dtype == torch.bool or \
+                isinstance(ti, torch.Tensor) and ti.is_floating_point():
+            if ti.dim() != 1:
+                raise ValueError(f"`token_indices` as a mask must be 1-D (seq,), got shape {tuple(ti.shape)}")
+            self.weights = ti.detach()
+        elif isinstance(ti, str):
+            raise TypeError("`token_indices` must be an int, a sequence of ints, a slice or a 1-D tensor, not a str"
+                            " (for token modes use injection_mode='first'/'last'/'generated')")
+        else:
+            items = [ti] if isinstance(ti, numbers.Integral) else ti
+            try:
+                idx = torch.as_tensor(items if isinstance(items, torch.Tensor) else list(items))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"`token_indices` must be an int, a sequence of ints, a slice or a 1-D tensor; "
+                                f"got {type(ti).__name__}") from e
+            if idx.dim() > 1 or idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
+                raise TypeError(f"`token_indices` must hold ints, got {idx.dtype} of shape {tuple(idx.shape)}")
+            self.indices = idx.reshape(-1).long()
+
+    @property
+    def selects_all(self) -> bool:
+        return (self.min_token_index == 0 and self.injection_mode == "all" and self.indices is None
+                and self.slice is None and self.weights is None)
+
+    def mask(self, pos: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor | None:
+        """Bool ``(b, s)`` (or float weights) of the positions to steer; None means all of them."""
+        if self.selects_all:
+            return None
+        m = pos >= self.min_token_index
+        mode = self.injection_mode
+        if mode == "first":
+            m &= pos == start[:, None]
+        elif mode == "last":
+            m &= pos >= end[:, None] - 1
+        elif mode == "generated":
+            m &= pos >= end[:, None]
+        if self.slice is not None:
+            def bound(x: int | None, default: int) -> torch.Tensor:
+                if x is None:
+                    return torch.full_like(end[:, None], default)
+                return end[:, None] + x if x < 0 else torch.full_like(end[:, None], x)
+
+            m &= (pos >= bound(self.slice.start, 0)) & (pos < bound(self.slice.stop, 2**62))
+        if self.indices is not None:
+            idx = self.indices.to(pos.device)[None, :]
+            targets = torch.where(idx < 0, end[:, None] + idx, idx)  # (b, k)
+            m &= (pos[..., None] == targets[:, None, :]).any(-1)
+        if self.weights is not None:
+            w = self.weights.to(pos.device)
+            inside = pos < w.shape[0]
+            vals = w[pos.clamp(0, w.shape[0] - 1)]
+            if w.dtype == torch.bool:
+                return m & inside & vals
+            return torch.where(inside & m, vals, torch.zeros_like(vals))
+        return m
+
+
+def _check_multiplier(multiplier: Any) -> None:
+    if callable(multiplier):
+        return
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not math.isfinite(multiplier):
+        raise TypeError(f"`multiplier` must be a finite number (or a callable returning one), got {multiplier!r}")
+
+
+def _make_apply(vec: torch.Tensor, multiplier: Multiplier, clamp: float | None,
+                factors: tuple[torch.Tensor, torch.Tensor] | None, selection: TokenSelection,
+                operator: Operator | None, tracker: SequenceTracker) -> SiteFn:
+    def fn(h: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        if h.dim() != 3:
+            raise ValueError(f"steering expects activations of shape (batch, seq, d), got {tuple(h.shape)}")
+        m = float(multiplier() if callable(multiplier) else multiplier)
+        mask = None
+        if not selection.selects_all:
+            mask = selection.mask(*current_positions(h, position_ids, tracker))
         left = right = None
         if factors is not None:
-            left, right = factors[0] * multiplier, factors[1]
-        return steer(h, v, left=left, right=right, clamp=clamp, mask=mask)
+            left, right = factors[0].to(h) * m, factors[1].to(h)
+        return steer(h, vec.to(h) * m, left=left, right=right, clamp=clamp, mask=mask, operator=operator)
 
     return fn
-
-
-def _pre(fn: Callable[[torch.Tensor], torch.Tensor], state: dict) -> Callable:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        h = arch.get_hidden_states(args, kwargs)
-        state["pos"] = _positions_from(kwargs, h)
-        return arch.replace_hidden_states(args, kwargs, fn(h))
-
-    return hook
-
-
-def _remember_positions(state: dict) -> Callable:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        h = arch.get_hidden_states(args, kwargs)
-        state["pos"] = _positions_from(kwargs, h)
-
-    return hook
-
-
-def _post(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        h = arch.get_output_hidden_states(output)
-        return arch.replace_output_hidden_states(output, fn(h))
-
-    return hook
