@@ -75,7 +75,9 @@ __all__ = [
     "TENSORS_FILE",
     "VECTOR_FILE",
     "SteeringFileError",
+    "atomic_write_file",
     "check_compatible",
+    "check_save_target",
     "describe_datapoints",
     "export_gguf",
     "export_tensors",
@@ -180,6 +182,25 @@ def _is_our_save(path: Path) -> bool:
     return False
 
 
+def check_save_target(path: str | os.PathLike[str]) -> None:
+    """Raise FileExistsError if :func:`save` would refuse to write ``path`` (checked before expensive work).
+
+    A folder path may be new, an empty folder or an earlier steering_opt save; a ``.safetensors`` path
+    must not be a folder.
+    """
+    target = Path(path)
+    if target.suffix == ".safetensors":
+        if target.is_dir():
+            raise FileExistsError(f"cannot save to {str(target)!r}: it is a folder")
+        return
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"cannot save to {str(target)!r}: it exists and is a file, not a folder")
+        if not _is_our_save(target) and any(target.iterdir()):
+            raise FileExistsError(f"cannot save to {str(target)!r}: the folder exists, is not empty and is not "
+                                  "a steering_opt save; choose another path or remove it")
+
+
 def atomic_write_file(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it onto ``path``.
 
@@ -205,12 +226,7 @@ def _atomic_write_dir(target: Path, build: Callable[[Path], None]) -> Path:
 
     An existing ``target`` is replaced only if it is a steering_opt save or an empty folder.
     """
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"cannot save to {str(target)!r}: it exists and is a file, not a folder")
-        if not _is_our_save(target) and any(target.iterdir()):
-            raise FileExistsError(f"cannot save to {str(target)!r}: the folder exists, is not empty and is not "
-                                  "a steering_opt save; choose another path or remove it")
+    check_save_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
