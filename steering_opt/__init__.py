@@ -14,8 +14,10 @@ from .arch import SITES, get_blocks, get_site_module, hidden_size, num_layers, r
 from .data import TrainingDatapoint
 from .engine import Objective
 from .hooks import frozen_model, hf_hooks_contextmanager, make_abl_mat, make_steering_hook_hf, steer
+from .jsonl import load_contrast_pairs, load_datapoints
 from .models import load_model, load_tokenizer
 from .optimize import make_melbo_loss_funcs, optimize_vector, optimize_vector_minibatch_hf, optimize_vectors
+from .persist import SteeringFileError, check_compatible, export_gguf, export_tensors, import_gguf, load, save
 from .sampling import get_completion_logprob, get_completion_logprob_hf, sample_most_likely_completions_hf
 from .vector import SteeringVector
 
@@ -45,4 +47,14 @@ __all__ = [
     "resolve_layer",
     "sample_most_likely_completions_hf",
     "steer",
+    # persistence and data files (persist.py, jsonl.py)
+    "SteeringFileError",
+    "check_compatible",
+    "export_gguf",
+    "export_tensors",
+    "import_gguf",
+    "load",
+    "load_contrast_pairs",
+    "load_datapoints",
+    "save",
 ]
