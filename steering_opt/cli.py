@@ -208,7 +208,7 @@ def _write_png(fig: Any, path: Path) -> None:
     atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
-def _save_loss_curve(info: dict[str, Any], path: Path) -> bool:
+def _save_loss_curve(info: dict[str, Any], path: Path, target_loss: float | None = None) -> bool:
     """Write the loss-curve PNG (``plots.plot_loss_curve``); a warning, not an error, without matplotlib."""
     try:
         import matplotlib
@@ -226,13 +226,13 @@ def _save_loss_curve(info: dict[str, Any], path: Path) -> bool:
         ax.plot(range(len(hist)), hist, marker="." if len(hist) < 50 else None)
         ax.set_xlabel("evaluation (optimiser step)")
         ax.set_ylabel("loss (nats)")
+        if target_loss is not None:
+            ax.axhline(target_loss, linestyle="--", color="gray")
         ax.set_title("optimisation loss")
         ax.grid(alpha=0.3)
     else:
-        result = plot_loss_curve(info)
-        fig = getattr(result, "figure", result)
-        if isinstance(result, tuple):
-            fig = result[0]
+        result = plot_loss_curve(info, target_loss=target_loss)
+        fig = result[0] if isinstance(result, tuple) else getattr(result, "figure", result)
     try:
         _write_png(fig, path)
     finally:
@@ -358,7 +358,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     print(f"Saved to {out}")
     if not args.no_plot:
         plot = _plot_path(args.out, args.plot)
-        if _save_loss_curve(info, plot):
+        if _save_loss_curve(info, plot, args.target_loss):
             print(f"Loss curve: {plot}")
     return 0
 
@@ -435,19 +435,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     factory = getattr(contrastive, f"{args.aggregator}_aggregator", None)
     if factory is None:
         raise _UserError(f"aggregator {args.aggregator!r} is not available in steering_opt.contrastive")
-    if args.aggregator == "logistic":
-        import importlib.util
-
-        if importlib.util.find_spec("sklearn") is None:
-            raise _UserError("--aggregator logistic needs scikit-learn (pip install scikit-learn)")
     model, tokenizer = _load_model(args)
     kwargs: dict[str, Any] = dict(layers=args.layer, layer_type=args.site, aggregator=factory(),
                                   read_token_index=args.read_token_index, show_progress=_progress(args))
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
     vector = contrastive.train_steering_vector(model, tokenizer, pairs, **kwargs)
+    vector.metadata.setdefault("method", "train_steering_vector")
     vector.metadata.update(
-        method="train_steering_vector",
         hyperparameters={"aggregator": args.aggregator, "layers": args.layer, "layer_type": args.site,
                          "read_token_index": args.read_token_index, "batch_size": args.batch_size},
         datapoints=describe_datapoints(pairs),

@@ -17,7 +17,12 @@ Contrast-pair line (contrastive training)::
 
     {"positive": "I cannot help with that.", "negative": "Sure, here you go."}
 
-Keys: ``positive`` and ``negative`` (non-empty strings, required).
+Keys: ``positive`` and ``negative`` (required): each a non-empty string, or a chat, i.e. a list of
+``{"role": ..., "content": ...}`` messages rendered with the tokenizer's chat template (a final assistant
+message is left open, so its last token is read)::
+
+    {"positive": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}],
+     "negative": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
 Unknown keys are errors (a misspelt key would otherwise be silently ignored).
 """
@@ -196,8 +201,18 @@ def parse_contrast_pair(obj: Any) -> Any:
     """
     obj = _check_keys(obj, CONTRAST_PAIR_KEYS, CONTRAST_PAIR_KEYS, "contrast pair")
     for key in CONTRAST_PAIR_KEYS:
-        if not isinstance(obj[key], str) or not obj[key]:
-            raise ValueError(f"{key!r} must be a non-empty string, got {json.dumps(obj[key])[:80]}")
+        value = obj[key]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError(f"{key!r} is an empty list of chat messages")
+            for i, m in enumerate(value):
+                if not isinstance(m, dict) or set(m) != {"role", "content"} or \
+                        not all(isinstance(m[k], str) for k in ("role", "content")):
+                    raise ValueError(f"{key}[{i}] must be a chat message {{\"role\": str, \"content\": str}}, "
+                                     f"got {json.dumps(m)[:80]}")
+        elif not isinstance(value, str) or not value:
+            raise ValueError(f"{key!r} must be a non-empty string or a list of chat messages, got "
+                             f"{json.dumps(value)[:80]}")
     try:
         from .contrastive import ContrastPair
     except ImportError:
