@@ -11,13 +11,28 @@ Quick start::
 """
 
 from .arch import SITES, get_blocks, get_site_module, hidden_size, num_layers, resolve_layer
+from .contrastive import (
+    ContrastPair,
+    ablation_operator,
+    ablation_then_addition_operator,
+    addition_operator,
+    aggregate_activations,
+    extract_activations,
+    logistic_aggregator,
+    mean_aggregator,
+    pca_aggregator,
+    projection_operator,
+    train_steering_vector,
+)
 from .data import TrainingDatapoint
 from .engine import Objective
 from .hooks import frozen_model, hf_hooks_contextmanager, make_abl_mat, make_steering_hook_hf, steer
+from .injectors import ActivationHook, ActivationInjector, MultiVectorInjector, generate_with_steering
 from .jsonl import load_contrast_pairs, load_datapoints
 from .models import load_model, load_tokenizer
 from .optimize import make_melbo_loss_funcs, optimize_vector, optimize_vector_minibatch_hf, optimize_vectors
 from .persist import SteeringFileError, check_compatible, export_gguf, export_tensors, import_gguf, load, save
+from .plots import plot_layer_norms, plot_loss_curve, plot_pca
 from .sampling import get_completion_logprob, get_completion_logprob_hf, sample_most_likely_completions_hf
 from .vector import SteeringVector
 
@@ -57,4 +72,23 @@ __all__ = [
     "load_contrast_pairs",
     "load_datapoints",
     "save",
+    # contrastive vectors, operators, injectors, plots (contrastive.py, injectors.py, plots.py)
+    "ActivationHook",
+    "ActivationInjector",
+    "ContrastPair",
+    "MultiVectorInjector",
+    "ablation_operator",
+    "ablation_then_addition_operator",
+    "addition_operator",
+    "aggregate_activations",
+    "extract_activations",
+    "generate_with_steering",
+    "logistic_aggregator",
+    "mean_aggregator",
+    "pca_aggregator",
+    "plot_layer_norms",
+    "plot_loss_curve",
+    "plot_pca",
+    "projection_operator",
+    "train_steering_vector",
 ]
