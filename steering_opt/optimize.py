@@ -134,11 +134,6 @@ def _context_length(model: nn.Module) -> int | None:
     return None
 
 
-def _ensure_pad(tokenizer: Any) -> None:
-    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-
 def _init_vector(d: int, starting_norm: float, starting_vec: torch.Tensor | None, gen: torch.Generator,
                  device: torch.device, name: str = "starting_vec") -> torch.Tensor:
     if starting_vec is not None:
@@ -582,7 +577,6 @@ def optimize_vector(
         raise ValueError("`vector_clamp` needs a non-zero `starting_vec` (got a zero vector)")
     if engine not in ("fast", "reference"):
         raise ValueError(f"`engine` must be 'fast' or 'reference', got {engine!r}")
-    _ensure_pad(tokenizer)
 
     seqs = tokenize_datapoints(tokenizer, datapoints, only_hook_prompt=only_hook_prompt,
                                target_loss=None if do_target_loss_sum else target_loss,
@@ -693,7 +687,6 @@ def optimize_vectors(
         raise ValueError(f"`regularization_type` must be 'l1' or 'max', got {regularization_type!r}")
     if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0):
         raise ValueError(f"`max_iters` must be a non-negative int or None, got {max_iters!r}")
-    _ensure_pad(tokenizer)
     seqs = tokenize_datapoints(tokenizer, datapoints, only_hook_prompt=only_hook_prompt,
                                target_loss=None if do_target_loss_sum else target_loss,
                                max_length=_context_length(model))
@@ -798,7 +791,6 @@ def _optimize_with_subsets(model: nn.Module, tokenizer: Any, dps: list[TrainingD
     layers = _check_layers(model, layer, "layer")
     _check_positive("lr", lr, allow_none=False)
     _check_positive("max_norm", max_norm)
-    _ensure_pad(tokenizer)
     d = arch.hidden_size(model)
     if affine_rank is not None and (not isinstance(affine_rank, int) or not 1 <= affine_rank <= d):
         raise ValueError(f"`affine_rank` must be an int in [1, {d}], got {affine_rank!r}")
