@@ -55,6 +55,19 @@ class SteerSpec:
     right: torch.Tensor | None = None
     clamp: float | None = None
 
+    def select(self, index: torch.Tensor) -> SteerSpec:
+        """The spec for the rows ``index`` ``(B,)`` (the fast engine gives each packed batch row the
+        row of its first sequence). Subclasses with more per-row fields select those too."""
+        return dataclasses.replace(self, rows={k: v[index.to(v.device)] for k, v in self.rows.items()})
+
+    def apply(self, h: torch.Tensor, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Steer ``h`` ``(B, T, d)`` entering block ``layer`` (row ``b`` of ``h`` uses row ``b`` of the
+        spec); ``mask`` ``(B, T)`` bool or None (all positions). Layers without rows are unchanged."""
+        rows = self.rows.get(layer)
+        if rows is None:
+            return h
+        return steer(h, rows, left=self.left, right=self.right, clamp=self.clamp, mask=mask)
+
 
 SpecFn = Callable[[list[int]], SteerSpec]
 
@@ -128,12 +141,9 @@ class Engine:
 
     def _hook_for(self, layer: int, spec: SteerSpec, mask: torch.Tensor | None,
                   replace: torch.Tensor | None = None) -> Callable:
-        rows = spec.rows.get(layer)
-
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             h = replace if replace is not None else arch.get_hidden_states(args, kwargs)
-            if rows is not None:
-                h = steer(h, rows, left=spec.left, right=spec.right, clamp=spec.clamp, mask=mask)
+            h = spec.apply(h, layer, mask)
             return arch.replace_hidden_states(args, kwargs, h)
 
         return hook
@@ -375,7 +385,7 @@ class FastEngine(Engine):
                     log.info("lower-layer cache disabled for this architecture: %s", e)
                     self.cache_lower_layers = use_cache = False
             spec = spec_fn(chunk.seq_idx)
-            spec = dataclasses.replace(spec, rows={k: v[chunk.row_first.to(v.device)] for k, v in spec.rows.items()})
+            spec = spec.select(chunk.row_first)
             pairs = []
             for layer in self.layers:
                 replace = chunk.cache if (use_cache and layer == self.low) else None
