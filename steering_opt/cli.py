@@ -550,7 +550,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         _check_writable_file(args.output)
     model, tokenizer = _load_model(args)
     for where, vec, _ in loaded:
-        check_compatible(vec, model, allow_mismatch=args.allow_model_mismatch, source=where)
+        check_compatible(vec, model, allow_mismatch=args.allow_model_mismatch, source=where,
+                         model_name=_model_label(args))
     results = []
     for prompt in tqdm(prompts, desc="generate", disable=not _progress(args)):
         text = _chat(tokenizer, prompt) if args.chat else prompt

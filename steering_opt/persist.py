@@ -714,26 +714,31 @@ def _describe_model(fp: Mapping[str, Any]) -> str:
 
 
 def check_compatible(vector: SteeringVector, model: nn.Module, *, allow_mismatch: bool = False,
-                     source: str | None = None) -> None:
+                     source: str | None = None, model_name: str | None = None) -> None:
     """Refuse to apply ``vector`` to a model it was not made for.
 
     Always refused: a different hidden size, or a steered layer the model does not have. Refused
     unless ``allow_mismatch``: a different architecture, model type or number of layers than the
     fingerprint recorded in ``vector.metadata["model"]`` (a different name alone is fine).
 
+    ``source`` (where the vector came from) and ``model_name`` (how to call the model, default its
+    ``config._name_or_path``) only change the messages.
+
     Raises:
         ValueError: naming both models.
     """
     fp_model = arch.model_fingerprint(model)
+    if model_name:
+        fp_model["name_or_path"] = model_name
     stored = vector.metadata.get("model") if isinstance(vector.metadata.get("model"), Mapping) else {}
     fp_vec = dict(stored)
     fp_vec.setdefault("hidden_size", vector.hidden_size)
     what = f"the steering vector{f' from {source}' if source else ''}"
     made_for = f"was made for {_describe_model(fp_vec)}"
     if vector.hidden_size != fp_model["hidden_size"]:
-        raise ValueError(f"{what} {made_for} and has hidden size {vector.hidden_size}, but the model "
-                         f"{_describe_model(fp_model)} has hidden size {fp_model['hidden_size']}: it cannot be "
-                         "applied")
+        raise ValueError(f"{what} {made_for}, but the model is {_describe_model(fp_model)}: a vector of hidden "
+                         f"size {vector.hidden_size} cannot be applied to a model of hidden size "
+                         f"{fp_model['hidden_size']}")
     n = fp_model.get("num_layers")
     if n is not None:
         bad = [layer for layer in vector.layers if not -n <= layer < n]
