@@ -751,6 +751,7 @@ def optimize_vector_minibatch_hf(
     seed: int | None = None,
     engine: str = "fast",
     progress: bool | None = None,
+    distributed: Any = None,
 ) -> tuple[torch.Tensor, dict[str, Any]] | tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Optimise one vector over many prompts sharing the same completions, in minibatches.
 
@@ -758,6 +759,15 @@ def optimize_vector_minibatch_hf(
     prompt is used once per epoch. ``target_loss`` applies to the current minibatch's summed loss.
     Padding is handled internally (sequences are right-padded and positions are exact), so the
     tokenizer's padding side does not matter.
+
+    Data parallelism (``distributed``): ``None`` (default) = automatic: on when ``torch.distributed``
+    is initialised with several processes (or a launcher such as ``accelerate launch`` /
+    ``torchrun`` set ``WORLD_SIZE > 1``: the process group is then initialised from its variables);
+    ``True`` = on (an error without a process group); ``False`` = off; or a ``ProcessGroup``. When on,
+    every process must make the same call: each computes a shard of every minibatch's prompts, the
+    gradients and losses are summed over processes, and all processes return the same vector (that of
+    a single-process run, up to float32 rounding); ``info['processes']`` is the number of processes.
+    See :mod:`steering_opt.scale`.
 
     Returns ``(vector, info)`` (or ``(vector, matrix, info)`` with ``affine_rank``).
     """
@@ -779,7 +789,7 @@ def optimize_vector_minibatch_hf(
         target_loss=target_loss, target_loss_target_iters=target_loss_target_iters, starting_norm=starting_norm,
         max_norm=max_norm, affine_rank=affine_rank, max_affine_norm=max_affine_norm, vector_clamp=vector_clamp,
         do_one_minus=do_one_minus, normalize_token_length=normalize_token_length, seed=seed, engine=engine,
-        progress=progress)
+        progress=progress, distributed=distributed)
 
 
 def _optimize_with_subsets(model: nn.Module, tokenizer: Any, dps: list[TrainingDatapoint], layer: Any,
@@ -787,13 +797,19 @@ def _optimize_with_subsets(model: nn.Module, tokenizer: Any, dps: list[TrainingD
                            eps: float, coldness: float, target_loss: float | None, target_loss_target_iters: int,
                            starting_norm: float, max_norm: float | None, affine_rank: int | None,
                            max_affine_norm: float | None, vector_clamp: float | None, do_one_minus: bool,
-                           normalize_token_length: bool, seed: int | None, engine: str, progress: bool) -> Any:
+                           normalize_token_length: bool, seed: int | None, engine: str, progress: bool,
+                           distributed: Any = False) -> Any:
     layers = _check_layers(model, layer, "layer")
     _check_positive("lr", lr, allow_none=False)
     _check_positive("max_norm", max_norm)
     d = arch.hidden_size(model)
     if affine_rank is not None and (not isinstance(affine_rank, int) or not 1 <= affine_rank <= d):
         raise ValueError(f"`affine_rank` must be an int in [1, {d}], got {affine_rank!r}")
+    group = None
+    if distributed is not False:
+        from .scale import resolve_distributed
+
+        group = resolve_distributed(distributed)
     seqs = tokenize_datapoints(tokenizer, dps, max_length=_context_length(model))
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
     block = arch.get_site_module(model, layers[0])
@@ -808,12 +824,21 @@ def _optimize_with_subsets(model: nn.Module, tokenizer: Any, dps: list[TrainingD
         objective = Objective(coldness=coldness, do_one_minus=do_one_minus,
                               normalize_token_length=normalize_token_length)
         eng = make_engine(engine, model, seqs, layers, objective)
+        if group is not None:  # each process computes a shard of every minibatch; grads/losses summed
+            from .scale import DataParallelEngine
+
+            settings = (lr, max_iters, eps, coldness, target_loss, target_loss_target_iters, starting_norm, max_norm,
+                        affine_rank, max_affine_norm, vector_clamp, do_one_minus, normalize_token_length,
+                        [subset_fn(i) for i in range(3)])
+            eng = DataParallelEngine(eng, params.tensors(), group, fingerprint=repr(settings))
         res = _run_loop(eng, params, lr=lr, max_iters=max_iters, eps=eps, target_loss=target_loss,
                         do_target_loss_sum=True, target_loss_target_iters=target_loss_target_iters,
                         max_norm=max_norm, max_affine_norm=max_affine_norm, subset_fn=subset_fn,
                         progress=progress, desc="minibatch")
     info = {"iters": res.steps, "loss": res.history[-1] if res.history else math.nan,
             "loss_history": res.history, "status": res.status, "norm": float(vec.detach().norm()), "loss_units": "nats"}
+    if group is not None:
+        info["processes"] = eng.world
     if affine_rank is not None:
         return vec.detach(), params.matrix(), info
     return vec.detach(), info
