@@ -83,6 +83,7 @@ __all__ = [
     "export_tensors",
     "import_gguf",
     "import_legacy",
+    "import_tensors",
     "load",
     "load_vector",
     "read_metadata",
@@ -621,7 +622,8 @@ def load(
 
     Recognised paths: a vector folder (``steering_vector.json``), a set folder (``steering_set.json``,
     returns ``{name: SteeringVector}``), a ``.safetensors`` single file, a llama.cpp ``.gguf`` control
-    vector (:func:`import_gguf`) and the legacy ``.json`` + ``.pt`` layout (:func:`import_legacy`).
+    vector (:func:`import_gguf`), the legacy ``.json`` + ``.pt`` layout (:func:`import_legacy`) and a plain
+    ``{layer: tensor}`` ``.pt`` / ``.npz`` file (:func:`import_tensors`).
 
     Args:
         model: if given, every vector is checked against it (:func:`check_compatible`).
@@ -652,11 +654,14 @@ def load(
             result = _load_single_file(path, device)
         elif suffix == ".gguf":
             result = import_gguf(path)
-        elif suffix in (".pt", ".pth", ".json"):
+        elif suffix == ".json" or (suffix in (".pt", ".pth") and path.with_suffix(".json").is_file()):
             result = import_legacy(path)
+        elif suffix in (".pt", ".pth", ".npz"):
+            result = import_tensors(path)
         else:
             raise SteeringFileError(f"{path}: unknown file type {path.suffix!r}; expected a steering_opt folder, "
-                                    "a .safetensors file, a .gguf control vector or a legacy .json/.pt pair")
+                                    "a .safetensors file, a .gguf control vector, a .pt/.npz tensor dict or a "
+                                    "legacy .json/.pt pair")
     elif path.with_suffix(".json").is_file() and path.with_suffix(".pt").is_file():
         result = import_legacy(path)
     else:
@@ -1025,3 +1030,62 @@ def export_tensors(
 
         return atomic_write_file(path, write_npy)
     raise ValueError(f"export_tensors: unknown file type {path.suffix!r} for {str(path)!r}; use .pt, .npz or .npy")
+
+
+def import_tensors(path: str | os.PathLike[str]) -> SteeringVector:
+    """Read what :func:`export_tensors` writes (an additive ``decoder_block`` vector, layers as stored).
+
+    * ``.pt``: a ``{layer (int): tensor (d,)}`` dict, read with ``torch.load(weights_only=True)`` only (also
+      the ``layer_activations`` of steering-vectors' objects saved with ``torch.save``).
+    * ``.npz``: arrays named ``layer_{L}``, read with ``allow_pickle=False``.
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tensor file at {str(path)!r}")
+    acts: dict[int, torch.Tensor] = {}
+    if path.suffix.lower() == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: np.array(npz[k]) for k in npz.files}
+        except Exception as exc:  # zipfile / numpy format errors, and refused pickled object arrays
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise SteeringFileError(f"{path}: not a readable .npz file of arrays ({first})") from None
+        for key, arr in arrays.items():
+            m = re.fullmatch(r"layer_(-?\d+)", key)
+            if m is None:
+                raise SteeringFileError(f"{path}: unexpected array {key!r} (expected layer_<L>)")
+            acts[int(m.group(1))] = torch.from_numpy(arr)
+    else:
+        import pickle
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError,
+                ImportError, IndexError, KeyError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise SteeringFileError(f"{path}: refused to load: not a file that torch.load(weights_only=True) "
+                                    f"accepts ({type(exc).__name__}: {first})") from None
+        if not isinstance(obj, dict) or not obj:
+            raise SteeringFileError(f"{path}: expected a non-empty {{layer: tensor}} dict, found "
+                                    f"{type(obj).__name__}")
+        for key, t in obj.items():
+            if isinstance(key, bool) or not isinstance(key, int) or not isinstance(t, torch.Tensor):
+                raise SteeringFileError(f"{path}: expected {{int layer: tensor}} entries, found {key!r}: "
+                                        f"{type(t).__name__}")
+            acts[key] = t
+    for layer, t in acts.items():
+        if t.dim() != 1 or not t.dtype.is_floating_point:
+            raise SteeringFileError(f"{path}: layer {layer}: expected a floating-point vector (d,), got "
+                                    f"{tuple(t.shape)} {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise SteeringFileError(f"{path}: layer {layer} contains NaN or infinite values")
+    if len({int(t.shape[0]) for t in acts.values()}) != 1:
+        raise SteeringFileError(f"{path}: the layers' vectors have different sizes")
+    if not acts:
+        raise SteeringFileError(f"{path}: no layer tensors")
+    d = int(next(iter(acts.values())).shape[0])
+    return SteeringVector(layer_activations={k: acts[k].clone() for k in sorted(acts)}, layer_type="decoder_block",
+                          metadata={"method": "import_tensors", "imported_from": path.name,
+                                    "model": {"hidden_size": d}})

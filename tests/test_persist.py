@@ -594,3 +594,23 @@ def test_export_plain_tensors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown file type"):
         persist.export_tensors(vec, tmp_path / "w.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", "v.npz", "v.pt"]
+    # what export_tensors writes loads back (layers as stored)
+    for name, sign in (("v.pt", 1.0), ("v.npz", -1.0)):
+        back = so.load(tmp_path / name)
+        assert back.layers == [0, 2, 3] and back.kind == "additive"
+        assert all(torch.equal(back.layer_activations[k], sign * vec.layer_activations[k]) for k in back.layers)
+    torch.save({"vector": torch.ones(D)}, tmp_path / "w.pt")
+    with pytest.raises(SteeringFileError, match="int layer"):
+        so.load(tmp_path / "w.pt")
+    np.savez(tmp_path / "w.npz", layer_1=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(SteeringFileError, match="not a readable .npz"):
+        so.load(tmp_path / "w.npz")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_plain_pt_pickle_payload_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save({1: _Payload(marker)}, tmp_path / "v.pt")
+    with pytest.raises(SteeringFileError, match="weights_only=True"):
+        so.load(tmp_path / "v.pt")
+    assert not marker.exists()
