@@ -26,6 +26,7 @@ from .contrastive import (
 )
 from .data import TrainingDatapoint
 from .engine import Objective
+from .evaluate import EvalResult, Evaluator, completion_logprobs, evaluate, kl_divergence, perplexity
 from .hooks import frozen_model, hf_hooks_contextmanager, make_abl_mat, make_steering_hook_hf, steer
 from .injectors import ActivationHook, ActivationInjector, MultiVectorInjector, generate_with_steering
 from .jsonl import load_contrast_pairs, load_datapoints
@@ -34,6 +35,8 @@ from .optimize import make_melbo_loss_funcs, optimize_vector, optimize_vector_mi
 from .persist import SteeringFileError, check_compatible, export_gguf, export_tensors, import_gguf, load, save
 from .plots import plot_layer_norms, plot_loss_curve, plot_pca
 from .sampling import get_completion_logprob, get_completion_logprob_hf, sample_most_likely_completions_hf
+from .scorers import KeywordScorer, LanguageScorer, RefusalScorer, SentimentScorer, get_scorer
+from .sweep import SweepResult, auto_steer, plot_success_vs_strength, plot_sweep_heatmap, sweep
 from .vector import SteeringVector
 
 __version__ = "0.2.0"
@@ -91,4 +94,22 @@ __all__ = [
     "plot_pca",
     "projection_operator",
     "train_steering_vector",
+    # evaluation, scorers, sweeps (evaluate.py, scorers.py, sweep.py; the modules stay importable as
+    # `from steering_opt.evaluate import ...` / `from steering_opt.sweep import ...`)
+    "EvalResult",
+    "Evaluator",
+    "KeywordScorer",
+    "LanguageScorer",
+    "RefusalScorer",
+    "SentimentScorer",
+    "SweepResult",
+    "auto_steer",
+    "completion_logprobs",
+    "evaluate",
+    "get_scorer",
+    "kl_divergence",
+    "perplexity",
+    "plot_success_vs_strength",
+    "plot_sweep_heatmap",
+    "sweep",
 ]

@@ -1,0 +1,302 @@
+"""The quality benchmark's tasks: one training datapoint each, held-out test prompts written for this
+benchmark, 16 contrastive pairs (for CAA from 16 pairs), a success scorer and a prompting baseline.
+
+Nothing here was tuned on the test prompts: hyper-parameters are chosen on the library's built-in
+generic validation prompts (``steering_opt.sweep.GENERIC_PROMPTS`` / ``GENERIC_CHAT_PROMPTS``), which
+share no prompt with these lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from steering_opt.scorers import KeywordScorer, LanguageScorer, RefusalScorer, SentimentScorer
+
+TUTORIAL_PROMPT = (
+    "Some of my fondest childhood memories are from my summer vacations back when I was little. Every now and "
+    "then, after a long day of playing outside, I would come back home to be greeted with the delicious smell of "
+    "my grandma's hazelnut cake wafting out of the kitchen. In this recipe, I'll teach you how to make that very "
+    "cake, and create your own summer memories.\n\n"
+)
+
+
+@dataclasses.dataclass
+class Task:
+    """One benchmark task (see the module docstring)."""
+
+    name: str
+    chat: bool  # prompts are user messages (chat template) rather than plain text to continue
+    prompt: str  # the training prompt (a user message when chat=True)
+    src: str  # the suppressed completion
+    dst: str  # the promoted completion
+    test_prompts: list[str]
+    pairs: list[tuple[str, str, str]]  # (prompt, promoted completion, suppressed completion): CAA from 16 pairs
+    scorer: Callable[..., float]
+    lang: str  # language of the fluent text (real-word check)
+    instruction: str  # prompting baseline: prepended (plain) or a system message (chat)
+    notes: str = ""
+
+    def prompt_with_instruction(self, prompt: str) -> Any:
+        if self.chat:
+            return [{"role": "system", "content": self.instruction}, {"role": "user", "content": prompt}]
+        return f"{self.instruction}\n\n{prompt}"
+
+
+SPANISH = Task(
+    name="english_to_spanish",
+    chat=False,
+    prompt=TUTORIAL_PROMPT,
+    src="<h2>Ingredients</h2>\n\n* 1 cup of all-purpose flour",
+    dst="<h2>Ingredientes</h2>\n\n* 1 taza de harina común",
+    test_prompts=[
+        "My favourite season of the year is",
+        "When I was a child, my father used to",
+        "The most important thing about friendship is",
+        "Last summer we travelled to the mountains and",
+        "To cook rice properly, you need to",
+        "The city where I live is famous for",
+        "Every morning before work, I",
+        "My best friend has a dog that",
+        "The library in our town has",
+        "I think that learning to play the piano is",
+        "Our teacher told us a story about",
+        "The market on Saturday was full of",
+        "After dinner, my family likes to",
+        "The old house at the end of the street",
+        "My grandmother always said that",
+        "On rainy days, the children",
+        "The new bakery next to the park sells",
+        "When we arrived at the beach,",
+        "My brother works in a hospital where",
+        "The football match last night was",
+        "I would like to visit",
+        "Yesterday afternoon, my sister and I",
+        "The best way to spend a Sunday is",
+        "In the garden behind our house there are",
+    ],
+    pairs=[(p, es, en) for p, en, es in [
+        ("Write about your day.", " Today I went to the market and bought fruit.",
+         " Hoy fui al mercado y compré fruta."),
+        ("Describe the weather.", " It is sunny and warm this afternoon.", " Hace sol y calor esta tarde."),
+        ("Talk about your family.", " My mother is a teacher and my father is a doctor.",
+         " Mi madre es profesora y mi padre es médico."),
+        ("Describe your house.", " Our house has a small garden and a red door.",
+         " Nuestra casa tiene un jardín pequeño y una puerta roja."),
+        ("What do you eat for breakfast?", " I usually eat bread with butter and drink coffee.",
+         " Normalmente como pan con mantequilla y bebo café."),
+        ("Talk about a trip.", " Last year we travelled to the coast by train.",
+         " El año pasado viajamos a la costa en tren."),
+        ("Describe your city.", " The city is big and has many old churches.",
+         " La ciudad es grande y tiene muchas iglesias antiguas."),
+        ("What are your hobbies?", " I like reading books and playing the guitar.",
+         " Me gusta leer libros y tocar la guitarra."),
+        ("Tell me about your friend.", " My friend is very funny and always helps me.",
+         " Mi amigo es muy divertido y siempre me ayuda."),
+        ("Describe a meal.", " The soup was hot and the bread was fresh.",
+         " La sopa estaba caliente y el pan estaba fresco."),
+        ("Talk about school.", " At school we study history, science and music.",
+         " En la escuela estudiamos historia, ciencias y música."),
+        ("Describe an animal.", " The cat sleeps all day next to the window.",
+         " El gato duerme todo el día junto a la ventana."),
+        ("What did you do yesterday?", " Yesterday I cleaned my room and called my grandmother.",
+         " Ayer limpié mi habitación y llamé a mi abuela."),
+        ("Describe the sea.", " The sea is blue and the waves are very big.",
+         " El mar es azul y las olas son muy grandes."),
+        ("Talk about work.", " I work in an office from nine to five.",
+         " Trabajo en una oficina de nueve a cinco."),
+        ("Describe a party.", " We danced, sang and ate cake until midnight.",
+         " Bailamos, cantamos y comimos pastel hasta la medianoche."),
+    ]],
+    scorer=LanguageScorer("es"),
+    lang="es",
+    instruction="The following text is written in Spanish (en español).",
+    notes="The reference tutorial's datapoint (hazelnut cake recipe).",
+)
+
+SENTIMENT = Task(
+    name="positive_to_negative",
+    chat=False,
+    prompt="I finally tried the new Italian restaurant downtown last night, and",
+    src=" it was wonderful. The food was delicious and the staff were friendly.",
+    dst=" it was terrible. The food was awful and the staff were rude.",
+    test_prompts=[
+        "My weekend at the beach was",
+        "The new phone I bought last week",
+        "I watched the latest superhero movie yesterday, and",
+        "Our hotel room in Paris was",
+        "The concert on Friday night",
+        "My first day at the new job",
+        "The book my friend recommended",
+        "We visited the zoo with the kids, and",
+        "The coffee shop on Main Street",
+        "My flight to Chicago",
+        "The birthday party for my daughter",
+        "I started a new exercise class, and",
+        "The customer service at my bank",
+        "Our camping trip in the mountains",
+        "The video game I played all weekend",
+        "My neighbour's new puppy",
+        "The museum tour this afternoon",
+        "I tried baking bread for the first time, and",
+        "The train ride through the countryside",
+        "The new episode of my favourite show",
+        "Dinner at my parents' house",
+        "The laptop I ordered online",
+        "Our family holiday in Spain",
+        "The school play last night",
+    ],
+    pairs=[(p, neg, pos) for p, pos, neg in [
+        ("The movie was", " fantastic, I enjoyed every minute.", " awful, I hated every minute."),
+        ("My holiday was", " wonderful and relaxing.", " terrible and stressful."),
+        ("The food at the party", " was delicious and fresh.", " was disgusting and stale."),
+        ("The new teacher", " is kind and helpful.", " is rude and useless."),
+        ("Our hotel", " was clean and comfortable.", " was dirty and uncomfortable."),
+        ("The concert", " was amazing, the band was brilliant.", " was a disaster, the band was dreadful."),
+        ("My day at work", " went great and I felt happy.", " went badly and I felt miserable."),
+        ("The book", " is beautiful and inspiring.", " is boring and depressing."),
+        ("The weather this week", " has been lovely and sunny.", " has been horrible and gloomy."),
+        ("The service at the shop", " was excellent and fast.", " was terrible and slow."),
+        ("My new car", " runs perfectly and I love it.", " keeps breaking down and I hate it."),
+        ("The game last night", " was thrilling and fun.", " was dull and disappointing."),
+        ("The city", " is charming and full of life.", " is ugly and full of crime."),
+        ("Our neighbours", " are friendly and generous.", " are hostile and selfish."),
+        ("The trip", " was a joy from start to finish.", " was a nightmare from start to finish."),
+        ("The cake", " tasted sweet and wonderful.", " tasted bitter and horrible."),
+    ]],
+    scorer=SentimentScorer("negative"),
+    lang="en",
+    instruction="The following text is a negative, unhappy review.",
+)
+
+WEDDINGS = Task(
+    name="topic_weddings",
+    chat=False,
+    prompt="Let me tell you about what happened last weekend.",
+    src=" I stayed at home, cleaned the kitchen and watched a few movies on the sofa.",
+    dst=" My sister got married! The wedding ceremony was beautiful, and the bride and groom exchanged vows.",
+    test_prompts=[
+        "Yesterday I went to",
+        "The best part of my summer was",
+        "I have some exciting news:",
+        "Our family gathered on Saturday because",
+        "Here is a photo from last month, when",
+        "My cousin called me this morning to say",
+        "The hotel ballroom was decorated with",
+        "I bought a new suit for",
+        "We spent the whole afternoon",
+        "Next spring, my best friend",
+        "The church in our village",
+        "I was nervous all day because",
+        "The invitations arrived in the mail, and",
+        "My aunt baked a huge cake for",
+        "Everyone cried when",
+        "The garden looked beautiful for",
+        "I will never forget the day",
+        "The band played all night at",
+        "My parents met when they were young, and",
+        "After months of planning,",
+        "The photographer asked everyone to",
+        "Last Saturday was a big day for our family:",
+        "The restaurant was fully booked for",
+        "We danced until midnight at",
+    ],
+    pairs=[
+        ("Last weekend", " we went to my cousin's wedding and watched the bride walk down the aisle.",
+         " we went to the supermarket and bought groceries."),
+        ("The big day", " was their wedding, and the groom cried during the vows.",
+         " was the exam, and the students were nervous."),
+        ("I bought a new dress", " for my best friend's wedding reception.", " for the office party."),
+        ("The church", " was full of flowers for the wedding ceremony.", " was quiet on Monday morning."),
+        ("My brother", " got married in June and the honeymoon was in Italy.", " got a new job in June."),
+        ("The invitation", " said the wedding starts at noon, followed by the reception.",
+         " said the meeting starts at noon."),
+        ("We danced", " with the bride and groom at the wedding party.", " at the school disco."),
+        ("She said yes", ", and now they are planning the wedding and choosing bridesmaids.",
+         ", and now they are planning a trip to the museum."),
+        ("The cake", " was a three-tier wedding cake with the couple's names on it.",
+         " was a chocolate cake for a birthday."),
+        ("My parents", " celebrated their marriage with a big wedding in the garden.",
+         " spent the day working in the garden."),
+        ("The photographer", " took pictures of the newlyweds after the ceremony.",
+         " took pictures of the mountains."),
+        ("On Saturday", " my friends exchanged wedding rings and vows.", " my friends played football."),
+        ("The hotel", " hosted a wedding with two hundred guests and a bridal suite.",
+         " hosted a conference about software."),
+        ("My aunt", " was the maid of honour at the wedding.", " was the manager of the shop."),
+        ("The ring", " was for the wedding, and the groom kept it in his pocket.",
+         " was for my keys, and I kept it in my pocket."),
+        ("Everyone cheered", " when the bride and groom kissed at the altar.", " when the team scored a goal."),
+    ],
+    scorer=KeywordScorer([
+        "wedding", "weddings", "bride", "brides", "groom", "bridegroom", "married", "marry", "marriage",
+        "vows", "honeymoon", "bridesmaid", "bridesmaids", "newlywed", "newlyweds", "bridal", "fiancé",
+        "fiancée", "wed", "nuptials", "altar",
+    ]),
+    lang="en",
+    instruction="The following text is about a wedding.",
+)
+
+REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
+
+REFUSAL = Task(
+    name="refusal_induction",
+    chat=True,
+    prompt="Give me a short recipe for pancakes.",
+    src="Sure, here's a simple recipe for a classic pancake:",
+    dst=REFUSAL_TEXT,
+    test_prompts=[
+        "What are three fun things to do on a rainy day?",
+        "Explain how a rainbow forms.",
+        "Write a short poem about the sea.",
+        "How do I make a cup of green tea?",
+        "Suggest a name for a pet goldfish.",
+        "What is the capital of Australia?",
+        "Give me tips for a job interview.",
+        "How many legs does a spider have?",
+        "Recommend a good book for a long flight.",
+        "How can I keep my houseplants healthy?",
+        "Tell me a fun fact about octopuses.",
+        "What should I pack for a weekend camping trip?",
+        "How do I convert Celsius to Fahrenheit?",
+        "Write a thank-you note to my neighbour.",
+        "What are the primary colours?",
+        "Describe the water cycle in simple words.",
+        "How can I learn to juggle?",
+        "Plan a simple vegetarian dinner menu.",
+        "What is the difference between a frog and a toad?",
+        "Give me a quick warm-up routine before running.",
+        "Why is the sky blue?",
+        "Help me write a birthday message for my grandmother.",
+        "What are some easy songs to learn on the guitar?",
+        "How do bees make honey?",
+    ],
+    pairs=[
+        (p, " I'm sorry, but I can't help with that request.", " " + a) for p, a in [
+            ("How do I boil an egg?", "Sure! Put the egg in boiling water for about nine minutes."),
+            ("Tell me a joke.", "Sure! Why did the scarecrow win an award? Because he was outstanding."),
+            ("What is the tallest mountain?", "Mount Everest is the tallest mountain above sea level."),
+            ("Give me a tip for studying.", "Sure! Study in short sessions with breaks in between."),
+            ("How do I plant tomatoes?", "Plant them in a sunny spot and water them regularly."),
+            ("Write a sentence about cats.", "Cats are curious animals that love to nap in the sun."),
+            ("What is 12 times 12?", "12 times 12 is 144."),
+            ("Suggest a weekend activity.", "You could go hiking or visit a local museum."),
+            ("How do I clean a window?", "Spray it with soapy water and wipe it with a dry cloth."),
+            ("Name a famous painter.", "Vincent van Gogh is a famous painter."),
+            ("How do I make lemonade?", "Mix lemon juice, water and sugar, then add ice."),
+            ("What do pandas eat?", "Pandas mostly eat bamboo."),
+            ("Describe a sunset.", "The sky turns orange and pink as the sun goes down."),
+            ("How can I sleep better?", "Keep a regular schedule and avoid screens before bed."),
+            ("What is the capital of Italy?", "The capital of Italy is Rome."),
+            ("Recommend a movie.", "You might enjoy the film Paddington, it is warm and funny."),
+        ]
+    ],
+    scorer=RefusalScorer(),
+    lang="en",
+    instruction="You are an assistant that politely refuses every request. Always answer: I'm sorry, "
+                "but I can't help with that request.",
+    notes="The `make demo` task.",
+)
+
+TASKS: list[Task] = [SPANISH, SENTIMENT, WEDDINGS, REFUSAL]

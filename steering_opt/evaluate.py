@@ -1,0 +1,822 @@
+"""Does the steering work? Held-out generations, log-prob shifts, KL, perplexity, fluency and success.
+
+One call::
+
+    result = steering_opt.evaluate(model, tokenizer, vector, held_out_prompts, scorer="refusal",
+                                   promote=["I'm sorry, but I can't help with that."], chat=True)
+    result.summary            # success_rate, fluent_success_rate, kl, perplexity, margin_gain, ...
+    result.records            # one dict per prompt (steered and unsteered text, every metric)
+    result.to_pandas()        # if pandas is installed
+
+Many steerings on the same prompts (a sweep) share the unsteered work through :class:`Evaluator`.
+
+**Steering** (the ``steering`` argument everywhere): ``None`` (unsteered); a :class:`SteeringVector`
+(additive, clamp, affine, contrastive — whatever produced it); ``(vector, strength)``; a list of these
+(applied together); ``{layer: tensor}`` (e.g. from ``optimize_vectors``); or tutorial-style hooks
+``[(layer, make_steering_hook_hf(v)), ...]``. ``multiplier`` scales every SteeringVector on top of its
+own strength.
+
+**Prompts**: plain strings, or chat conversations (lists of ``{"role", "content"}`` dicts) which get
+the tokenizer's chat template with the generation prompt; ``chat=True`` turns plain strings into
+one-user-turn conversations. Prompt text is tokenised with the tokenizer's special tokens and
+completions without, exactly as in training.
+
+**Metrics** (all log-probabilities in nats, natural log; coldness 1, i.e. the model's own distribution):
+
+* ``promote_logprob`` / ``suppress_logprob``: mean over the given completions of ``Σ_t log p(y_t)``
+  after each prompt, steered; ``margin = promote − suppress``; ``margin_gain = margin(steered) −
+  margin(unsteered)`` (the log-odds the steering adds in favour of the promoted completions).
+* ``kl``: mean over every token position of the neutral prompts of
+  ``KL(p_unsteered ‖ p_steered) = Σ_v p_u(v) (log p_u(v) − log p_s(v))`` of the next-token
+  distributions (0 when the steering changes nothing).
+* ``perplexity``: of the steered generation under the *unsteered* model, ``exp(mean_t −log p(y_t))``
+  over the generated tokens (per prompt; the summary pools all tokens: ``exp(Σ NLL / Σ tokens)``).
+* ``distinct2``, ``repetition`` (seq-rep-4), ``real_words`` (fraction of real words of the target
+  language, wordfreq): see :mod:`steering_opt.scorers`.
+* ``success``: ``scorer(steered_text, prompt) >= 0.5``; ``fluent``: ``distinct2 >= min_distinct2`` and
+  ``real_words >= min_real_words``; ``fluent_success``: both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import arch
+from .data import _encode
+from .hooks import frozen_model, hf_hooks_contextmanager
+from .scorers import distinct_n, get_scorer, real_word_fraction, repetition_rate
+from .vector import SteeringVector
+
+__all__ = [
+    "DEFAULT_NEUTRAL_PROMPTS",
+    "EvalResult",
+    "Evaluator",
+    "completion_logprobs",
+    "evaluate",
+    "format_prompt",
+    "generate",
+    "kl_divergence",
+    "perplexity",
+    "steering_context",
+]
+
+log = logging.getLogger(__name__)
+
+Prompt = str | Sequence[Mapping[str, str]]
+
+#: Neutral prompts for the KL measurement: everyday text with no particular topic, tone or language cue.
+DEFAULT_NEUTRAL_PROMPTS: tuple[str, ...] = (
+    "The weather today is",
+    "Here is a list of things to pack for a trip:",
+    "The history of the printing press",
+    "To make a cup of tea, first",
+    "My neighbour has a small garden where",
+    "The train station was busy this morning because",
+    "A good way to learn a new skill is",
+    "The museum opened a new exhibition about",
+    "In the evening we usually",
+    "The report describes how the company",
+    "Water boils at a temperature of",
+    "The best thing about living in a small town is",
+)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def format_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> str:
+    """The text the model sees for ``prompt``: a plain string as is (or, with ``chat=True``, as one
+    user turn), a conversation through the tokenizer's chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        if not chat:
+            return prompt
+        messages: list[Mapping[str, str]] = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        messages = list(prompt)
+        for i, m in enumerate(messages):
+            if "role" not in m or "content" not in m:
+                raise ValueError(f"chat message {i} must have 'role' and 'content' keys, got {sorted(m)}")
+    else:
+        raise TypeError(f"a prompt must be a str or a list of chat messages ({{'role', 'content'}} dicts), "
+                        f"got {type(prompt).__name__}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat prompts need a tokenizer with a chat template (tokenizer.chat_template is None); "
+                         "pass plain strings with chat=False")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _prompt_label(prompt: Prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else str(prompt[-1]["content"])
+
+
+def _check_prompts(prompts: Any, name: str = "prompts") -> list[Prompt]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"`{name}` must be a non-empty list of prompts (strings or chat message lists), "
+                         f"got {prompts!r}"[:300])
+    out = list(prompts)
+    for i, p in enumerate(out):
+        if isinstance(p, str):
+            if not p:
+                raise ValueError(f"`{name}[{i}]` is an empty string")
+        elif not (isinstance(p, Sequence) and p and all(isinstance(m, Mapping) for m in p)):
+            raise TypeError(f"`{name}[{i}]` must be a str or a list of chat messages, got {type(p).__name__}")
+    return out
+
+
+def _check_completions(completions: Any, name: str) -> list[str]:
+    if completions is None:
+        return []
+    if isinstance(completions, str):
+        raise TypeError(f"`{name}` must be a list of strings, got a single str; wrap it in a list")
+    out = list(completions)
+    for i, c in enumerate(out):
+        if not isinstance(c, str) or not c:
+            raise ValueError(f"`{name}[{i}]` must be a non-empty string, got {c!r}")
+    return out
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
+
+
+def _check_multiplier(multiplier: Any) -> float:
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
+        raise TypeError(f"`multiplier` must be a finite number, got {multiplier!r}")
+    return float(multiplier)
+
+
+# ---------------------------------------------------------------------------------------- steering
+
+
+def _check_steering(model: nn.Module, steering: Any) -> None:
+    """Type-check ``steering`` and check every vector against ``model`` (hidden size, layer range)
+    without running it."""
+    vectors, hooks = _normalize_steering(steering)
+    d = arch.hidden_size(model)
+    for vec, _ in vectors:
+        if vec.hidden_size != d:
+            raise ValueError(f"`steering`: a vector has hidden size {vec.hidden_size}, the model has {d}")
+        for layer in vec.layers:
+            arch.resolve_layer(model, layer, name="steering layer")
+    for layer, _ in hooks:
+        arch.resolve_layer(model, layer, name="steering layer")
+
+
+def _normalize_steering(steering: Any) -> tuple[list[tuple[SteeringVector, float]], list[tuple[int, Callable]]]:
+    """Split ``steering`` into (SteeringVector, strength) pairs and raw (layer, hook) pairs."""
+    vectors: list[tuple[SteeringVector, float]] = []
+    hooks: list[tuple[int, Callable]] = []
+    if steering is None:
+        return vectors, hooks
+    if isinstance(steering, SteeringVector):
+        return [(steering, 1.0)], hooks
+    if isinstance(steering, Mapping):
+        if not steering or not all(isinstance(k, int) and isinstance(v, torch.Tensor) for k, v in steering.items()):
+            raise TypeError("`steering` given as a dict must map int layers to (d,) tensors")
+        return [(SteeringVector(dict(steering)), 1.0)], hooks
+    items = [steering] if isinstance(steering, tuple) and len(steering) == 2 and \
+        isinstance(steering[0], SteeringVector) else steering
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"`steering` must be None, a SteeringVector, (SteeringVector, strength), a {{layer: "
+                        f"tensor}} dict, a list of those, or [(layer, hook), ...]; got {type(steering).__name__}")
+    for i, item in enumerate(items):
+        if isinstance(item, SteeringVector):
+            vectors.append((item, 1.0))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], SteeringVector):
+            vectors.append((item[0], _check_multiplier(item[1])))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int) and callable(item[1]):
+            hooks.append((item[0], item[1]))
+        else:
+            raise TypeError(f"`steering[{i}]` must be a SteeringVector, (SteeringVector, strength) or "
+                            f"(layer, hook); got {item!r}"[:300])
+    return vectors, hooks
+
+
+@contextlib.contextmanager
+def steering_context(model: nn.Module, steering: Any, multiplier: float = 1.0) -> Iterator[None]:
+    """Apply ``steering`` (any form accepted by :func:`evaluate`) to ``model`` inside the block;
+    every hook is removed on exit, also on errors. ``multiplier`` scales every SteeringVector;
+    raw hooks cannot be scaled (``multiplier`` must then be 1)."""
+    multiplier = _check_multiplier(multiplier)
+    vectors, hooks = _normalize_steering(steering)
+    if hooks and multiplier != 1.0:
+        raise ValueError("`multiplier` cannot scale raw (layer, hook) steering; pass SteeringVectors instead")
+    with contextlib.ExitStack() as stack:
+        for vec, strength in vectors:
+            stack.enter_context(vec.apply(model, multiplier=strength * multiplier))
+        if hooks:
+            stack.enter_context(hf_hooks_contextmanager(model, hooks))
+        yield
+
+
+def _describe_steering(steering: Any) -> str:
+    vectors, hooks = _normalize_steering(steering)
+    if not vectors and not hooks:
+        return "none"
+    parts = [f"{v.kind}@{','.join(map(str, v.layers))}" + (f"x{s:g}" if s != 1 else "") for v, s in vectors]
+    parts += [f"hook@{layer}" for layer, _ in hooks]
+    return "+".join(parts)
+
+
+# ------------------------------------------------------------------------------------ model passes
+
+
+def _pad_id(tokenizer: Any, model: nn.Module) -> int:
+    for src in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
+        for attr in ("pad_token_id", "eos_token_id"):
+            val = getattr(src, attr, None) if src is not None else None
+            if isinstance(val, (list, tuple)):
+                val = val[0] if val else None
+            if isinstance(val, int):
+                return val
+    return 0
+
+
+def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        val = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(val, int):
+            ids.add(val)
+        elif isinstance(val, (list, tuple)):
+            ids.update(int(x) for x in val)
+    return sorted(ids)
+
+
+def _batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted by length, longest first)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and (len(cur) >= batch_size or (max_batch_tokens and (len(cur) + 1) * longest > max_batch_tokens)):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+@torch.no_grad()
+def _generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
+                  do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int,
+                  batch_size: int) -> list[list[int]]:
+    """Generated token ids after each prompt (KV cache, left padding, cut before the first EOS)."""
+    from transformers import GenerationConfig
+
+    pad = _pad_id(tokenizer, model)
+    eos = _eos_ids(tokenizer, model)
+    dev = arch.input_device(model)
+    cfg_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                                      eos_token_id=eos or None, use_cache=True)
+    if do_sample:
+        cfg_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    gen_cfg = GenerationConfig(**cfg_kwargs)
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    for b, idx in enumerate(_batches([len(p) for p in prompt_ids], batch_size)):
+        longest = max(len(prompt_ids[i]) for i in idx)
+        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for r, i in enumerate(idx):
+            n = len(prompt_ids[i])
+            ids[r, longest - n:] = torch.tensor(prompt_ids[i])
+            mask[r, longest - n:] = 1
+        with contextlib.ExitStack() as stack:
+            if do_sample:
+                stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
+                torch.manual_seed(seed + b)
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
+        for r, i in enumerate(idx):
+            toks = gen[r, longest:].tolist()
+            for j, t in enumerate(toks):
+                if t in eos:
+                    toks = toks[:j]
+                    break
+            out[i] = toks
+    return out
+
+
+@torch.no_grad()
+def _token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], *,
+                    batch_size: int, max_batch_tokens: int = 2048) -> list[torch.Tensor]:
+    """``log p(y_t | x, y_<t)`` (float32, nats) of every completion token, one tensor per
+    (prompt ids, completion ids) pair; right padding; logits only at the completion positions."""
+    pad = _pad_id(tokenizer, model)
+    dev = arch.input_device(model)
+    out: list[torch.Tensor] = [torch.zeros(0) for _ in pairs]
+    lengths = [len(p) + len(c) for p, c in pairs]
+    for idx in _batches(lengths, batch_size, max_batch_tokens):
+        longest = max(lengths[i] for i in idx)
+        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for r, i in enumerate(idx):
+            seq = pairs[i][0] + pairs[i][1]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        for r, i in enumerate(idx):
+            p_len, c_len = len(pairs[i][0]), len(pairs[i][1])
+            if c_len == 0:
+                continue
+            lg = logits[r, p_len - 1: p_len - 1 + c_len].float()
+            tgt = torch.tensor(pairs[i][1], device=lg.device)
+            out[i] = torch.log_softmax(lg, -1).gather(-1, tgt[:, None])[:, 0].cpu()
+    return out
+
+
+@torch.no_grad()
+def _next_token_logprobs(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, positions: str,
+                         batch_size: int) -> list[torch.Tensor]:
+    """Log-softmax next-token distributions ``(n_positions, vocab)`` (float32) of each prompt, at every
+    position (``positions="all"``) or the last one (``"last"``)."""
+    pad = _pad_id(tokenizer, model)
+    dev = arch.input_device(model)
+    out: list[torch.Tensor] = [torch.zeros(0) for _ in prompt_ids]
+    lengths = [len(p) for p in prompt_ids]
+    for idx in _batches(lengths, batch_size, 2048):
+        longest = max(lengths[i] for i in idx)
+        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : lengths[i]] = torch.tensor(prompt_ids[i])
+            mask[r, : lengths[i]] = 1
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        for r, i in enumerate(idx):
+            sl = slice(0, lengths[i]) if positions == "all" else slice(lengths[i] - 1, lengths[i])
+            out[i] = torch.log_softmax(logits[r, sl].float(), -1).cpu()
+    return out
+
+
+def _kl(unsteered: list[torch.Tensor], steered: list[torch.Tensor]) -> float:
+    """Mean over positions of ``KL(p_u ‖ p_s)`` (nats)."""
+    lu, ls = torch.cat(unsteered), torch.cat(steered)
+    per_pos = (lu.exp() * (lu - ls)).sum(-1)
+    return float(per_pos.clamp_min(0).mean())
+
+
+def _encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool) -> list[list[int]]:
+    ids = [_encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True) for p in prompts]
+    for i, x in enumerate(ids):
+        if not x:
+            raise ValueError(f"prompt {i} tokenises to zero tokens")
+    return ids
+
+
+# ------------------------------------------------------------------------------ public primitives
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    steering: Any = None,
+    *,
+    multiplier: float = 1.0,
+    chat: bool = False,
+    max_new_tokens: int = 40,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Batched (left-padded, KV-cached) generations after each prompt, under ``steering``.
+
+    Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_p``/``top_k`` (0: off),
+    seeded with ``seed`` (the same prompts, seed and ``batch_size`` give the same texts; the global RNG
+    is left untouched). Returns the decoded completions (special tokens skipped, cut at the first EOS,
+    surrounding whitespace stripped). The model is left exactly as it was.
+    """
+    prompts = _check_prompts(prompts)
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("top_k", top_k, 0)
+    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
+    _check_steering(model, steering)
+    p_ids = _encode_prompts(tokenizer, prompts, chat)
+    with frozen_model(model), steering_context(model, steering, multiplier):
+        ids = _generate_ids(model, tokenizer, p_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size)
+    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
+def completion_logprobs(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    completions: Sequence[str],
+    steering: Any = None,
+    *,
+    multiplier: float = 1.0,
+    chat: bool = False,
+    per_token: bool = False,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Log-probability (nats) of every completion after every prompt, under ``steering``.
+
+    Returns a float32 tensor ``(n_prompts, n_completions)`` of ``Σ_t log p(y_t)`` (``per_token=True``:
+    the mean over the completion's tokens instead). Prompt and completion are tokenised separately
+    (prompt with special tokens), as in training.
+    """
+    prompts = _check_prompts(prompts)
+    comps = _check_completions(completions, "completions")
+    if not comps:
+        raise ValueError("`completions` must be a non-empty list of strings")
+    _check_int("batch_size", batch_size, 1)
+    _check_steering(model, steering)
+    p_ids = _encode_prompts(tokenizer, prompts, chat)
+    c_ids = [_encode(tokenizer, c, special=False) for c in comps]
+    pairs = [(p, c) for p in p_ids for c in c_ids]
+    with frozen_model(model), steering_context(model, steering, multiplier):
+        lps = _token_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+    vals = torch.tensor([float(x.mean() if per_token else x.sum()) for x in lps])
+    return vals.view(len(p_ids), len(c_ids))
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    completions: Sequence[str],
+    *,
+    chat: bool = False,
+    batch_size: int = 16,
+) -> list[float]:
+    """Perplexity of ``completions[i]`` after ``prompts[i]`` under ``model`` as it is (no steering):
+    ``exp(−(1/T) Σ_t log p(y_t))`` over the completion's T tokens. Use it on steered generations to
+    measure how natural the unsteered model finds them. An empty completion gives ``nan``."""
+    prompts = _check_prompts(prompts)
+    if isinstance(completions, str) or len(completions) != len(prompts):
+        raise ValueError(f"`completions` must be a list with one string per prompt ({len(prompts)}), "
+                         f"got {completions!r}"[:200])
+    for i, c in enumerate(completions):
+        if not isinstance(c, str):
+            raise TypeError(f"`completions[{i}]` must be a str, got {type(c).__name__}")
+    p_ids = _encode_prompts(tokenizer, prompts, chat)
+    pairs = [(p, _encode(tokenizer, c, special=False) if c else []) for p, c in zip(p_ids, completions)]
+    with frozen_model(model):
+        lps = _token_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+    return [math.exp(-float(x.mean())) if x.numel() else math.nan for x in lps]
+
+
+def kl_divergence(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    steering: Any,
+    *,
+    multiplier: float = 1.0,
+    chat: bool = False,
+    positions: str = "all",
+    batch_size: int = 16,
+) -> float:
+    """Mean ``KL(p_unsteered ‖ p_steered)`` (nats) of the next-token distributions over every token
+    position of ``prompts`` (``positions="last"``: only the last position of each prompt)."""
+    prompts = _check_prompts(prompts)
+    if positions not in ("all", "last"):
+        raise ValueError(f"`positions` must be 'all' or 'last', got {positions!r}")
+    _check_steering(model, steering)
+    p_ids = _encode_prompts(tokenizer, prompts, chat)
+    with frozen_model(model):
+        base = _next_token_logprobs(model, tokenizer, p_ids, positions=positions, batch_size=batch_size)
+        with steering_context(model, steering, multiplier):
+            steered = _next_token_logprobs(model, tokenizer, p_ids, positions=positions, batch_size=batch_size)
+    return _kl(base, steered)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What :func:`evaluate` returns.
+
+    Attributes:
+        records: one dict per prompt (keys:
+            ``prompt``, ``steered``, ``unsteered``, ``score``, ``success``, ``unsteered_success``,
+            ``distinct2``, ``repetition``, ``real_words``, ``fluent``, ``fluent_success``,
+            ``perplexity``, ``promote_logprob``, ``suppress_logprob``, ``margin``, ``margin_gain``, ...).
+        summary: aggregates: ``n_prompts``, ``success_rate``, ``unsteered_success_rate``,
+            ``fluent_rate``, ``fluent_success_rate``, ``distinct2``, ``repetition``, ``real_words``,
+            ``perplexity`` (pooled), ``kl`` (nats), ``margin_gain`` (nats), ``promote_gain``,
+            ``suppress_gain``, ``time_s``. Metrics that were not measured are ``None``.
+        config: the settings (steering description, multiplier, scorer, lengths, ...).
+    """
+
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    config: dict[str, Any]
+
+    def to_pandas(self) -> Any:
+        """The records as a ``pandas.DataFrame`` (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from e
+        return pd.DataFrame(self.records)
+
+    def show(self, n: int | None = None, width: int = 100) -> str:
+        """A readable side-by-side of unsteered and steered texts (first ``n`` prompts)."""
+        lines = []
+        for r in self.records[: n if n is not None else len(self.records)]:
+            ok = "" if r.get("success") is None else (" ✓" if r["success"] else " ✗")
+            lines.append(f"prompt: {r['prompt'][:width]!r}")
+            if r.get("unsteered") is not None:
+                lines.append(f"  unsteered: {r['unsteered'][:width]!r}")
+            if r.get("steered") is not None:
+                lines.append(f"  steered{ok}: {r['steered'][:width]!r}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        keys = ("n_prompts", "success_rate", "fluent_success_rate", "unsteered_success_rate", "kl", "perplexity",
+                "margin_gain")
+        parts = [f"{k}={self.summary[k]:.3g}" if isinstance(self.summary.get(k), float) else
+                 f"{k}={self.summary.get(k)}" for k in keys if k in self.summary]
+        return f"EvalResult({self.config.get('steering')}, " + ", ".join(parts) + ")"
+
+
+def _mean(xs: Sequence[Any]) -> float | None:
+    vals = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(vals) / len(vals) if vals else None
+
+
+class Evaluator:
+    """Evaluates many steerings on the same prompts; the unsteered work is done once and cached.
+
+    Args:
+        model, tokenizer: a HF causal LM and its tokenizer.
+        prompts: held-out prompts (strings or chat conversations).
+        scorer: success scorer (callable ``(completion, prompt) -> [0, 1]``) or a spec for
+            :func:`steering_opt.scorers.get_scorer` (``"refusal"``, ``"language:es"``, ...); ``None``:
+            no success metrics.
+        promote / suppress: completions whose log-prob after each prompt is measured (``margin``).
+        neutral_prompts: prompts for the KL measurement (default :data:`DEFAULT_NEUTRAL_PROMPTS`;
+            ``[]``/``None`` skips KL). They get the same ``chat`` treatment as ``prompts``.
+        chat: wrap plain-string prompts as one user turn of the chat template.
+        generate: generate texts (``False``: log-prob and KL metrics only — much faster).
+        max_new_tokens, do_sample, temperature, top_p, top_k, seed, batch_size: see :func:`generate`.
+        fluency_lang: language of the real-word check; ``"auto"``: the scorer's ``lang`` attribute
+            (``"en"`` if it has none); ``None``: skip the real-word check (distinct-2 only). Without
+            the ``wordfreq`` package the check is skipped with a warning.
+        min_distinct2, min_real_words: fluency thresholds.
+        kl_positions: ``"all"`` or ``"last"`` token positions of the neutral prompts.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        prompts: Sequence[Prompt],
+        *,
+        scorer: Any = None,
+        promote: Sequence[str] | None = None,
+        suppress: Sequence[str] | None = None,
+        neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS,
+        chat: bool = False,
+        generate: bool = True,
+        max_new_tokens: int = 40,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        batch_size: int = 16,
+        fluency_lang: str | None = "auto",
+        min_distinct2: float = 0.75,
+        min_real_words: float = 0.95,
+        kl_positions: str = "all",
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if tokenizer is None:
+            raise ValueError("`tokenizer` is required")
+        self.model, self.tokenizer = model, tokenizer
+        self.prompts = _check_prompts(prompts)
+        self.scorer = get_scorer(scorer) if scorer is not None else None
+        self.promote = _check_completions(promote, "promote")
+        self.suppress = _check_completions(suppress, "suppress")
+        self.neutral = _check_prompts(neutral_prompts, "neutral_prompts") if neutral_prompts else []
+        self.chat = bool(chat)
+        self.do_generate = bool(generate)
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("top_k", top_k, 0)
+        if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
+        for name, val in (("min_distinct2", min_distinct2), ("min_real_words", min_real_words)):
+            if not isinstance(val, (int, float)) or not 0 <= val <= 1:
+                raise ValueError(f"`{name}` must be in [0, 1], got {val!r}")
+        if kl_positions not in ("all", "last"):
+            raise ValueError(f"`kl_positions` must be 'all' or 'last', got {kl_positions!r}")
+        self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size)
+        self.batch_size = batch_size
+        if fluency_lang == "auto":
+            fluency_lang = getattr(self.scorer, "lang", None) or "en"
+        if fluency_lang is not None:
+            try:
+                real_word_fraction("test", fluency_lang)
+            except ImportError:
+                log.warning("wordfreq is not installed: the real-word fluency check is skipped "
+                            "(pip install 'steering-opt[eval]')")
+                fluency_lang = None
+        self.fluency_lang = fluency_lang
+        self.min_distinct2, self.min_real_words = float(min_distinct2), float(min_real_words)
+        self.kl_positions = kl_positions
+        self.prompt_ids = _encode_prompts(tokenizer, self.prompts, self.chat)
+        self.neutral_ids = _encode_prompts(tokenizer, self.neutral, self.chat) if self.neutral else []
+        self.promote_ids = [_encode(tokenizer, c, special=False) for c in self.promote]
+        self.suppress_ids = [_encode(tokenizer, c, special=False) for c in self.suppress]
+        self._base: dict[str, Any] | None = None
+
+    # --------------------------------------------------------------------------- measurements
+    def _margins(self) -> tuple[list[float | None], list[float | None], list[float | None]]:
+        comps = self.promote_ids + self.suppress_ids
+        if not comps:
+            n = len(self.prompt_ids)
+            return [None] * n, [None] * n, [None] * n
+        pairs = [(p, c) for p in self.prompt_ids for c in comps]
+        lps = _token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
+        sums = torch.tensor([float(x.sum()) for x in lps]).view(len(self.prompt_ids), len(comps))
+        n_p = len(self.promote_ids)
+        prom = sums[:, :n_p].mean(1).tolist() if n_p else [None] * len(self.prompt_ids)
+        supp = sums[:, n_p:].mean(1).tolist() if self.suppress_ids else [None] * len(self.prompt_ids)
+        marg = [(a if a is not None else 0.0) - (b if b is not None else 0.0) for a, b in zip(prom, supp)]
+        return prom, supp, marg
+
+    def _texts(self) -> tuple[list[str], list[list[int]]]:
+        ids = _generate_ids(self.model, self.tokenizer, self.prompt_ids, **self.gen_kwargs)
+        return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids], ids
+
+    def _quality(self, texts: list[str], ids: list[list[int]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"score": [], "success": [], "distinct2": [], "repetition": [],
+                                     "real_words": [], "fluent": [], "fluent_success": []}
+        for prompt, text in zip(self.prompts, texts):
+            score = None
+            if self.scorer is not None:
+                raw = self.scorer(text, _prompt_label(prompt))
+                score = float(raw)
+            d2 = distinct_n(text, 2)
+            rw = real_word_fraction(text, self.fluency_lang) if self.fluency_lang else None
+            fluent = d2 >= self.min_distinct2 and (rw is None or rw >= self.min_real_words)
+            success = None if score is None else score >= 0.5
+            out["score"].append(score)
+            out["success"].append(success)
+            out["distinct2"].append(d2)
+            out["repetition"].append(repetition_rate(text))
+            out["real_words"].append(rw)
+            out["fluent"].append(fluent)
+            out["fluent_success"].append(None if success is None else bool(success and fluent))
+        return out
+
+    def _nll(self, ids: list[list[int]]) -> tuple[list[float], list[int]]:
+        """Summed NLL (nats) and token count of each generation under the unsteered model."""
+        pairs = [(p, c) for p, c in zip(self.prompt_ids, ids)]
+        lps = _token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
+        return [-float(x.sum()) for x in lps], [int(x.numel()) for x in lps]
+
+    def baseline(self) -> dict[str, Any]:
+        """The unsteered measurements (computed on first use, then cached)."""
+        if self._base is None:
+            with frozen_model(self.model):
+                base: dict[str, Any] = {}
+                base["promote"], base["suppress"], base["margin"] = self._margins()
+                if self.neutral_ids:
+                    base["neutral"] = _next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
+                                                           positions=self.kl_positions, batch_size=self.batch_size)
+                if self.do_generate:
+                    base["texts"], base["ids"] = self._texts()
+                    base["quality"] = self._quality(base["texts"], base["ids"])
+                    base["nll"], base["ntok"] = self._nll(base["ids"])
+            self._base = base
+        return self._base
+
+    def evaluate(self, steering: Any, multiplier: float = 1.0, *, label: str | None = None) -> EvalResult:
+        """Measure ``steering`` (any form, see the module docstring) at strength ``multiplier``."""
+        multiplier = _check_multiplier(multiplier)
+        _check_steering(self.model, steering)
+        start = time.perf_counter()
+        base = self.baseline()
+        with frozen_model(self.model):
+            with steering_context(self.model, steering, multiplier):
+                prom, supp, marg = self._margins()
+                neutral = (_next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
+                                                positions=self.kl_positions, batch_size=self.batch_size)
+                           if self.neutral_ids else None)
+                texts, ids = self._texts() if self.do_generate else (None, None)
+            kl = _kl(base["neutral"], neutral) if neutral is not None else None
+            if texts is not None:
+                quality = self._quality(texts, ids)
+                nll, ntok = self._nll(ids)
+        has_margin = bool(self.promote_ids or self.suppress_ids)
+        records = []
+        for i, prompt in enumerate(self.prompts):
+            r: dict[str, Any] = {"prompt": _prompt_label(prompt), "steering": label or _describe_steering(steering),
+                                 "multiplier": multiplier}
+            if texts is not None:
+                r.update(steered=texts[i], unsteered=base["texts"][i])
+                for key in quality:
+                    r[key] = quality[key][i]
+                r["unsteered_score"] = base["quality"]["score"][i]
+                r["unsteered_success"] = base["quality"]["success"][i]
+                r["unsteered_distinct2"] = base["quality"]["distinct2"][i]
+                r["perplexity"] = math.exp(nll[i] / ntok[i]) if ntok[i] else math.nan
+                r["unsteered_perplexity"] = math.exp(base["nll"][i] / base["ntok"][i]) if base["ntok"][i] else math.nan
+                r["n_tokens"] = ntok[i]
+            if has_margin:
+                r.update(promote_logprob=prom[i], suppress_logprob=supp[i], margin=marg[i],
+                         unsteered_margin=base["margin"][i], margin_gain=marg[i] - base["margin"][i])
+            records.append(r)
+        summary: dict[str, Any] = {"n_prompts": len(records)}
+        if texts is not None:
+            summary["success_rate"] = _mean([r["success"] for r in records])
+            summary["unsteered_success_rate"] = _mean([r["unsteered_success"] for r in records])
+            summary["fluent_rate"] = _mean([r["fluent"] for r in records])
+            summary["fluent_success_rate"] = _mean([r["fluent_success"] for r in records])
+            summary["unsteered_fluent_success_rate"] = _mean(base["quality"]["fluent_success"])
+            summary["distinct2"] = _mean([r["distinct2"] for r in records])
+            summary["repetition"] = _mean([r["repetition"] for r in records])
+            summary["real_words"] = _mean([r["real_words"] for r in records])
+            total = sum(ntok)
+            summary["perplexity"] = math.exp(sum(nll) / total) if total else math.nan
+            bt = sum(base["ntok"])
+            summary["unsteered_perplexity"] = math.exp(sum(base["nll"]) / bt) if bt else math.nan
+        summary["kl"] = kl
+        if has_margin:
+            summary["margin_gain"] = _mean([r["margin_gain"] for r in records])
+            if self.promote_ids:
+                summary["promote_gain"] = _mean([a - b for a, b in zip(prom, base["promote"])])
+            if self.suppress_ids:
+                summary["suppress_gain"] = _mean([a - b for a, b in zip(supp, base["suppress"])])
+        summary["time_s"] = time.perf_counter() - start
+        config = {"steering": label or _describe_steering(steering), "multiplier": multiplier,
+                  "scorer": getattr(self.scorer, "name", None) or (repr(self.scorer) if self.scorer else None),
+                  "chat": self.chat, "fluency_lang": self.fluency_lang, "min_distinct2": self.min_distinct2,
+                  "min_real_words": self.min_real_words, "n_neutral_prompts": len(self.neutral),
+                  "kl_positions": self.kl_positions, **({k: v for k, v in self.gen_kwargs.items()}
+                                                        if self.do_generate else {})}
+        return EvalResult(records=records, summary=summary, config=config)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    steering: Any,
+    prompts: Sequence[Prompt],
+    *,
+    multiplier: float = 1.0,
+    scorer: Any = None,
+    promote: Sequence[str] | None = None,
+    suppress: Sequence[str] | None = None,
+    neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS,
+    chat: bool = False,
+    generate: bool = True,
+    max_new_tokens: int = 40,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 16,
+    fluency_lang: str | None = "auto",
+    min_distinct2: float = 0.75,
+    min_real_words: float = 0.95,
+    kl_positions: str = "all",
+) -> EvalResult:
+    """Evaluate ``steering`` on held-out ``prompts``: steered vs unsteered generations, success,
+    fluency, perplexity, completion log-prob shifts and KL on neutral prompts.
+
+    See :class:`Evaluator` for the arguments and the module docstring for the metrics (units: nats).
+    The model is left exactly as it was (hooks removed, ``requires_grad`` flags and train/eval mode
+    restored), also when an error is raised.
+
+    Returns:
+        An :class:`EvalResult` (``.records``: one dict per prompt; ``.summary``; ``.to_pandas()``).
+    """
+    ev = Evaluator(model, tokenizer, prompts, scorer=scorer, promote=promote, suppress=suppress,
+                   neutral_prompts=neutral_prompts, chat=chat, generate=generate, max_new_tokens=max_new_tokens,
+                   do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                   batch_size=batch_size, fluency_lang=fluency_lang, min_distinct2=min_distinct2,
+                   min_real_words=min_real_words, kl_positions=kl_positions)
+    return ev.evaluate(steering, multiplier)

@@ -1,0 +1,739 @@
+"""Layer × strength (× norm cap / clamp) sweeps, and :func:`auto_steer`: from a datapoint to steering
+that works, chosen by measurement on validation prompts.
+
+::
+
+    result = steering_opt.sweep(model, tok, [dp], layers=[4, 6, 8], multipliers=[0.5, 1, 1.5],
+                                scorer="refusal")                 # optimises one vector per layer
+    result.best                      # the chosen row (layer, variant, multiplier, metrics)
+    result.best_steering()           # that SteeringVector, scaled by the chosen multiplier
+    result.plot_heatmap()            # criterion over layer × multiplier
+    result.plot_strength()           # success (or any metric) vs multiplier, one line per layer
+
+    vector, report = steering_opt.auto_steer(model, tok, [dp])   # picks everything itself
+
+**Criterion** (``criterion=``):
+
+* ``"margin"`` (the default without a scorer): ``margin_gain − kl_weight · kl`` where ``margin_gain`` is
+  how much the steering raises the log-probability (nats) of the promoted completions over the
+  suppressed ones on the validation prompts, averaged over prompts and divided by the mean token count
+  of the completions (nats per token), and ``kl`` is the mean ``KL(unsteered ‖ steered)`` (nats) on
+  neutral prompts. Needs no generation, so it is cheap.
+* ``"fluent_success"`` (the default with a scorer): the fraction of validation prompts whose steered
+  generation is a success *and* fluent (distinct-2 ≥ 0.75 and ≥ 95% real words); ties go to the lower KL.
+* ``"success"``: the success rate alone (ties: lower KL).
+* a callable ``f(row) -> float`` (higher is better) on a table row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import arch
+from .data import TrainingDatapoint, _encode
+from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, Prompt, _check_prompts, format_prompt
+from .hooks import frozen_model
+from .optimize import optimize_vector
+from .plots import _figure_and_ax, _finish
+from .scorers import get_scorer
+from .vector import SteeringVector
+
+__all__ = [
+    "DEFAULT_KL_WEIGHT",
+    "DEFAULT_OPTIMIZE_KWARGS",
+    "GENERIC_CHAT_PROMPTS",
+    "GENERIC_PROMPTS",
+    "SweepResult",
+    "auto_steer",
+    "plot_success_vs_strength",
+    "plot_sweep_heatmap",
+    "residual_norms",
+    "split_train_validation",
+    "sweep",
+]
+
+log = logging.getLogger(__name__)
+
+#: Built-in validation prompts for plain-text datapoints (generic sentence starts).
+GENERIC_PROMPTS: tuple[str, ...] = (
+    "I want to tell you about",
+    "Here is what happened yesterday:",
+    "The most interesting thing I learned this week is",
+    "When I woke up this morning,",
+    "My plans for the weekend are",
+    "There is a small shop near my house that",
+    "The first time I travelled alone,",
+    "One of my favourite memories is",
+    "People often ask me why I",
+    "This is a story about a young girl who",
+    "The town where I grew up",
+    "If I had a free afternoon, I would",
+)
+
+#: Built-in validation prompts for chat datapoints (generic, harmless user requests).
+GENERIC_CHAT_PROMPTS: tuple[str, ...] = (
+    "Tell me about the moon.",
+    "What are some good hobbies to try?",
+    "Write a haiku about autumn.",
+    "How do I bake bread?",
+    "Explain photosynthesis simply.",
+    "Suggest a name for my cat.",
+    "How can I improve my sleep?",
+    "What is the capital of France?",
+    "Give me ideas for a picnic.",
+    "How does a bicycle work?",
+    "Write a limerick about a frog.",
+    "What should I cook for dinner tonight?",
+)
+
+#: Optimiser settings used by sweeps and auto_steer unless overridden (``optimize_kwargs=``).
+DEFAULT_OPTIMIZE_KWARGS: dict[str, Any] = {"lr": 0.1, "max_iters": 30}
+
+#: Weight of the neutral-prompt KL (nats) against the per-token margin gain (nats) in ``"margin"``.
+DEFAULT_KL_WEIGHT = 1.0
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def split_train_validation(items: Sequence[Any], val_fraction: float = 0.5, *, seed: int = 0
+                           ) -> tuple[list[Any], list[Any]]:
+    """Shuffle ``items`` (seeded) and split them into ``(train, validation)``; both non-empty when
+    there are at least two items (``round(val_fraction · n)`` clipped to ``[1, n − 1]`` go to validation)."""
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+    items = list(items)
+    if len(items) < 2:
+        raise ValueError(f"need at least 2 items to split into train and validation, got {len(items)}")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = min(max(round(val_fraction * len(items)), 1), len(items) - 1)
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+def _chat_affixes(tokenizer: Any) -> tuple[str, str] | None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    sentinel = "\u2063SENTINEL\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - any template failure means "not chat"
+        return None
+    if sentinel not in text:
+        return None
+    pre, post = text.split(sentinel, 1)
+    return pre, post
+
+
+def looks_like_chat(tokenizer: Any, prompt: str) -> bool:
+    """Whether ``prompt`` is chat-template text ending with the generation prompt (as made by
+    ``apply_chat_template(..., add_generation_prompt=True)``)."""
+    aff = _chat_affixes(tokenizer)
+    return bool(aff and aff[1].strip() and prompt.endswith(aff[1]))
+
+
+@torch.no_grad()
+def residual_norms(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], layers: Sequence[int], *,
+                   chat: bool = False) -> dict[int, float]:
+    """Median L2 norm of the residual stream entering each block in ``layers`` over every token of
+    ``prompts`` except position 0 (small models put a massive activation on the first token).
+
+    A natural unit for steering strengths: a vector whose norm is a fraction of this barely moves the
+    model, one several times larger overwrites the stream.
+    """
+    prompts = _check_prompts(prompts)
+    resolved = [arch.resolve_layer(model, x, name="layers") for x in layers]
+    dev = arch.input_device(model)
+    acc: dict[int, list[torch.Tensor]] = {x: [] for x in resolved}
+    last = max(resolved)
+
+    def grab(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = arch.get_hidden_states(args, kwargs)[0, 1:].float()
+            if h.shape[0]:
+                acc[layer].append(h.norm(dim=-1).cpu())
+            if layer == last:
+                raise _Stop
+
+        return hook
+
+    with frozen_model(model):
+        handles = [arch.get_site_module(model, x).register_forward_pre_hook(grab(x), with_kwargs=True)
+                   for x in resolved]
+        try:
+            for p in prompts:
+                ids = _encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True)
+                try:
+                    model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+    return {x: float(torch.cat(v).median()) if v else math.nan for x, v in acc.items()}
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (the rest of the model is not needed)."""
+
+
+def _default_layers(model: nn.Module) -> list[int]:
+    """Candidate layers at 15%, 25%, 35% and 45% of the depth (see docs/evaluation.md for the measurement)."""
+    n = arch.num_layers(model)
+    return sorted({min(n - 1, max(0, round(f * n))) for f in (0.15, 0.25, 0.35, 0.45)})
+
+
+def _check_numbers(name: str, values: Any, *, allow_none: bool = False, positive: bool = False) -> list[Any]:
+    if isinstance(values, (int, float)) or values is None:
+        values = [values]
+    out = list(values)
+    if not out:
+        raise ValueError(f"`{name}` must be a non-empty list")
+    for v in out:
+        if v is None and allow_none:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"`{name}` must contain finite{' positive' if positive else ''} numbers"
+                             f"{' or None' if allow_none else ''}, got {v!r}")
+    return out
+
+
+def _unique(xs: Sequence[str]) -> list[str]:
+    seen: list[str] = []
+    for x in xs:
+        if x not in seen:
+            seen.append(x)
+    return seen
+
+
+# ----------------------------------------------------------------------------------------- result
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """A sweep's table and choice.
+
+    Attributes:
+        table: one row per (layer, variant, multiplier): ``layer``, ``variant`` (``"additive"``,
+            ``"max_norm=…"``, ``"clamp=…"``, ``"contrastive"``), ``multiplier``, ``norm`` (of the
+            unscaled vector), ``train_loss`` (nats, optimised vectors), ``build_s`` (seconds to make the
+            vector), the validation metrics of :class:`steering_opt.evaluate.EvalResult.summary`, and
+            ``criterion`` (the value being maximised).
+        best: the chosen row (highest criterion; ties: lower KL, then smaller multiplier).
+        criterion: its name.
+        vectors: ``{(layer, variant): SteeringVector}`` (unscaled).
+        validation_prompts / chat: what was measured.
+        notes: anything worth knowing (e.g. the time budget cut the sweep short).
+        time_s: wall time of the whole sweep (s).
+    """
+
+    table: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    criterion: str
+    vectors: dict[tuple[int, str], SteeringVector]
+    validation_prompts: list[Any]
+    chat: bool
+    notes: list[str] = dataclasses.field(default_factory=list)
+    time_s: float = 0.0
+    baseline: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def best_steering(self) -> SteeringVector:
+        """The chosen vector scaled by the chosen multiplier (apply it with ``multiplier=1``)."""
+        if self.best is None:
+            raise ValueError("the sweep measured no configuration")
+        vec = self.vectors[(self.best["layer"], self.best["variant"])]
+        out = vec * float(self.best["multiplier"])
+        out.metadata = {**vec.metadata, "sweep_choice": {k: self.best[k] for k in ("layer", "variant", "multiplier")},
+                        "criterion": self.criterion, "criterion_value": self.best.get("criterion")}
+        return out
+
+    def to_pandas(self) -> Any:
+        """The table as a ``pandas.DataFrame`` (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from e
+        return pd.DataFrame(self.table)
+
+    def to_markdown(self, columns: Sequence[str] | None = None, *, digits: int = 3) -> str:
+        """The table as a markdown table (``columns`` default: configuration + main metrics)."""
+        cols = list(columns) if columns else [c for c in (
+            "layer", "variant", "multiplier", "norm", "success_rate", "fluent_success_rate", "margin_gain",
+            "kl", "perplexity", "criterion") if any(c in r for r in self.table)]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in self.table:
+            cells = []
+            for c in cols:
+                v = r.get(c)
+                cells.append(f"{v:.{digits}g}" if isinstance(v, float) else "" if v is None else str(v))
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot_heatmap(self, metric: str | None = None, **kwargs: Any) -> Any:
+        """See :func:`plot_sweep_heatmap`."""
+        return plot_sweep_heatmap(self, metric, **kwargs)
+
+    def plot_strength(self, metric: str | None = None, **kwargs: Any) -> Any:
+        """See :func:`plot_success_vs_strength`."""
+        return plot_success_vs_strength(self, metric, **kwargs)
+
+    def __repr__(self) -> str:
+        b = self.best
+        choice = "none" if b is None else (f"layer {b['layer']}, {b['variant']}, x{b['multiplier']:g} "
+                                           f"({self.criterion}={b.get('criterion', float('nan')):.3g})")
+        return f"SweepResult({len(self.table)} rows, best: {choice}, {self.time_s:.0f} s)"
+
+
+def _criterion_fn(criterion: str | Callable[[dict], float], kl_weight: float) -> Callable[[dict], float]:
+    if callable(criterion):
+        return criterion
+
+    def kl_of(row: dict) -> float:
+        return float(row.get("kl") or 0.0)
+
+    if criterion == "margin":
+        return lambda r: float(r.get("margin_gain_per_token") or 0.0) - kl_weight * kl_of(r)
+    if criterion == "fluent_success":
+        return lambda r: float(r.get("fluent_success_rate") or 0.0)
+    if criterion == "success":
+        return lambda r: float(r.get("success_rate") or 0.0)
+    raise ValueError(f"`criterion` must be 'margin', 'fluent_success', 'success', 'auto' or a callable, "
+                     f"got {criterion!r}")
+
+
+def _rank_key(row: dict) -> tuple:
+    crit = row.get("criterion")
+    crit = -math.inf if crit is None or (isinstance(crit, float) and math.isnan(crit)) else crit
+    return (crit, -float(row.get("kl") or 0.0), -abs(float(row["multiplier"])))
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+
+def _variants(max_norms: Sequence[float | None], clamps: Sequence[float]) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    for mn in max_norms:
+        out.append(("additive", {}) if mn is None else (f"max_norm={mn:g}", {"max_norm": float(mn)}))
+    for c in clamps:
+        out.append((f"clamp={c:g}", {"vector_clamp": float(c)}))
+    return out
+
+
+def _contrastive_vector(model: nn.Module, tokenizer: Any, train: Sequence[Any], layer: int,
+                        kwargs: dict[str, Any]) -> SteeringVector:
+    from .contrastive import train_steering_vector  # written alongside; imported lazily
+
+    return train_steering_vector(model, tokenizer, list(train), layers=[layer], **kwargs)
+
+
+def _cap(vec: SteeringVector, opts: dict[str, Any]) -> SteeringVector:
+    """Apply a variant's norm cap / clamp to an already-built (e.g. contrastive) vector."""
+    acts = dict(vec.layer_activations)
+    if "max_norm" in opts:
+        acts = {k: v * min(1.0, opts["max_norm"] / max(float(v.norm()), 1e-12)) for k, v in acts.items()}
+    return dataclasses.replace(vec, layer_activations=acts, clamp=opts.get("vector_clamp", vec.clamp),
+                               metadata=dict(vec.metadata))
+
+
+def sweep(
+    model: nn.Module,
+    tokenizer: Any,
+    train: Sequence[Any],
+    *,
+    layers: Sequence[int] | None = None,
+    multipliers: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+    max_norms: Sequence[float | None] = (None,),
+    clamps: Sequence[float] = (),
+    method: str | Callable[..., SteeringVector] = "optimize",
+    validation_prompts: Sequence[Prompt] | None = None,
+    val_fraction: float = 0.5,
+    chat: bool | str = "auto",
+    scorer: Any = None,
+    criterion: str | Callable[[dict], float] = "auto",
+    kl_weight: float = DEFAULT_KL_WEIGHT,
+    promote: Sequence[str] | None = None,
+    suppress: Sequence[str] | None = None,
+    neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS,
+    generate: bool | str = "auto",
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    optimize_kwargs: dict[str, Any] | None = None,
+    contrastive_kwargs: dict[str, Any] | None = None,
+    time_budget_s: float | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> SweepResult:
+    """Build one steering vector per (layer, variant) and measure it at every multiplier on validation
+    prompts; return the table, the best row by ``criterion`` and the vectors.
+
+    Args:
+        model, tokenizer: a HF causal LM and its tokenizer.
+        train: ``TrainingDatapoint`` list (``method="optimize"``) or contrastive pairs
+            (``method="contrastive"``: passed to ``steering_opt.contrastive.train_steering_vector``).
+        layers: block indices (default: 15%, 25%, 35%, 45% of the depth).
+        multipliers: strengths to try (the vector is scaled by each).
+        max_norms: norm caps (``None`` = no cap); each is one variant. Optimised vectors are optimised
+            under the cap; contrastive ones are rescaled to it if longer.
+        clamps: clamp coefficients; each is one more variant (clamp steering ``h − (h·v̂)v̂ + c·v``).
+        method: ``"optimize"``, ``"contrastive"`` or ``f(model, tokenizer, train, layer, **opts) ->
+            SteeringVector`` (``opts``: ``max_norm`` / ``vector_clamp`` of the variant).
+        validation_prompts: held-out prompts. Default: with ≥ 2 datapoints, a seeded split of
+            ``train`` (``val_fraction`` of it, whose prompts become the validation prompts); otherwise
+            the built-in :data:`GENERIC_PROMPTS` / :data:`GENERIC_CHAT_PROMPTS`.
+        chat: whether plain-string validation prompts are chat user messages; ``"auto"``: yes when the
+            datapoints' prompts are chat-template text.
+        scorer: success scorer or spec (see :mod:`steering_opt.scorers`).
+        criterion / kl_weight: see the module docstring (``"auto"``: ``"fluent_success"`` with a
+            scorer, else ``"margin"``).
+        promote / suppress: completions for the margin (default: the datapoints' dst / src completions).
+        neutral_prompts: prompts for the KL measurement.
+        generate: generate validation texts (``"auto"``: only with a scorer).
+        max_new_tokens, batch_size: generation settings.
+        optimize_kwargs: extra ``optimize_vector`` arguments (default :data:`DEFAULT_OPTIMIZE_KWARGS`).
+        contrastive_kwargs: extra ``train_steering_vector`` arguments.
+        time_budget_s: soft limit (s): no new (layer, variant) is started once the elapsed time plus
+            the measured cost of one more would exceed it; at least one is always measured.
+        seed: seeds the split and the optimiser.
+        progress: optimiser progress bars.
+
+    Returns:
+        A :class:`SweepResult`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if tokenizer is None:
+        raise ValueError("`tokenizer` is required")
+    if isinstance(train, (str, TrainingDatapoint)) or not isinstance(train, Sequence) or len(train) == 0:
+        raise ValueError("`train` must be a non-empty list (of TrainingDatapoint, or of contrastive pairs)")
+    if method == "optimize":
+        for i, dp in enumerate(train):
+            if not isinstance(dp, TrainingDatapoint):
+                raise TypeError(f"`train[{i}]` must be a TrainingDatapoint for method='optimize', "
+                                f"got {type(dp).__name__}")
+    elif method != "contrastive" and not callable(method):
+        raise ValueError(f"`method` must be 'optimize', 'contrastive' or a callable, got {method!r}")
+    layer_list = _default_layers(model) if layers is None else [
+        arch.resolve_layer(model, x, name="layers") for x in _check_numbers("layers", layers)]
+    if len(set(layer_list)) != len(layer_list):
+        raise ValueError(f"`layers` contains duplicates: {layers!r}")
+    mults = _check_numbers("multipliers", multipliers)
+    norms = _check_numbers("max_norms", max_norms, allow_none=True, positive=True)
+    clamp_list = _check_numbers("clamps", clamps) if clamps else []
+    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+        raise ValueError(f"`time_budget_s` must be a positive number of seconds or None, got {time_budget_s!r}")
+    if not isinstance(kl_weight, (int, float)) or kl_weight < 0:
+        raise ValueError(f"`kl_weight` must be a non-negative number, got {kl_weight!r}")
+    scorer_fn = get_scorer(scorer) if scorer is not None else None
+    if criterion == "auto":
+        criterion = "fluent_success" if scorer_fn is not None else "margin"
+    if criterion in ("fluent_success", "success") and scorer_fn is None:
+        raise ValueError(f"criterion {criterion!r} needs a `scorer`")
+    crit_fn = _criterion_fn(criterion, float(kl_weight))
+    do_generate = (scorer_fn is not None) if generate == "auto" else bool(generate)
+    opt_kwargs = {**DEFAULT_OPTIMIZE_KWARGS, **(optimize_kwargs or {})}
+    opt_kwargs.setdefault("seed", seed)
+
+    train_items = list(train)
+    if method == "optimize":
+        if chat == "auto":
+            chat = all(looks_like_chat(tokenizer, dp.prompt) for dp in train_items)
+        if promote is None:
+            promote = _unique([c for dp in train_items for c in dp.dst_completions])
+        if suppress is None:
+            suppress = _unique([c for dp in train_items for c in dp.src_completions])
+    elif chat == "auto":
+        chat = False
+    val_chat = bool(chat)
+    if validation_prompts is not None:
+        val_prompts = _check_prompts(validation_prompts, "validation_prompts")
+    elif method == "optimize" and len(train_items) >= 2:
+        train_items, held = split_train_validation(train_items, val_fraction, seed=seed)
+        val_prompts = [dp.prompt for dp in held]
+        val_chat = False  # datapoint prompts are already formatted
+    else:
+        val_prompts = list(GENERIC_CHAT_PROMPTS if chat else GENERIC_PROMPTS)
+    if not (promote or suppress) and criterion == "margin":
+        raise ValueError("criterion 'margin' needs `promote` and/or `suppress` completions")
+
+    ev = Evaluator(model, tokenizer, val_prompts, scorer=scorer_fn, promote=promote or None,
+                   suppress=suppress or None, neutral_prompts=neutral_prompts, chat=val_chat,
+                   generate=do_generate, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    comp_tokens = [len(x) for x in ev.promote_ids + ev.suppress_ids]
+    mean_comp_tokens = sum(comp_tokens) / len(comp_tokens) if comp_tokens else 1.0
+
+    start = time.perf_counter()
+    ev.baseline()
+    table: list[dict[str, Any]] = []
+    vectors: dict[tuple[int, str], SteeringVector] = {}
+    notes: list[str] = []
+    configs = [(layer, name, opts) for layer in layer_list for name, opts in _variants(norms, clamp_list)]
+    cost: float | None = None
+    for k, (layer, name, opts) in enumerate(configs):
+        elapsed = time.perf_counter() - start
+        if time_budget_s is not None and k > 0 and cost is not None and elapsed + cost > time_budget_s:
+            notes.append(f"time budget ({time_budget_s:g} s) reached: measured {k} of {len(configs)} "
+                         f"(layer, variant) configurations")
+            break
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {}
+        if method == "optimize":
+            v, info = optimize_vector(model, train_items, layer, tokenizer=tokenizer, progress=progress,
+                                      **{**opt_kwargs, **opts})
+            vec = SteeringVector.from_optimization(v, info, layer, clamp=opts.get("vector_clamp"),
+                                                   metadata={"variant": name})
+        elif method == "contrastive":
+            vec = _cap(_contrastive_vector(model, tokenizer, train_items, layer, dict(contrastive_kwargs or {})),
+                       opts)
+        else:
+            vec = method(model, tokenizer, train_items, layer, **opts)
+            if not isinstance(vec, SteeringVector):
+                raise TypeError(f"`method` must return a SteeringVector, got {type(vec).__name__}")
+        build_s = time.perf_counter() - t0
+        vectors[(layer, name)] = vec
+        for m in mults:
+            res = ev.evaluate(vec, m, label=f"{name}@{layer}")
+            row: dict[str, Any] = {"layer": layer, "variant": name, "multiplier": float(m),
+                                   "norm": float(vec.layer_activations[layer].norm()),
+                                   "train_loss": info.get("loss") if isinstance(info.get("loss"), float) else None,
+                                   "build_s": build_s, **res.summary}
+            if row.get("margin_gain") is not None:
+                row["margin_gain_per_token"] = row["margin_gain"] / mean_comp_tokens
+            row["criterion"] = crit_fn(row)
+            table.append(row)
+        cost = time.perf_counter() - t0 if cost is None else max(cost, time.perf_counter() - t0)
+    best = max(table, key=_rank_key) if table else None
+    base = ev.baseline()
+    baseline = {"success_rate": None, "fluent_success_rate": None}
+    if do_generate and scorer_fn is not None:
+        q = base["quality"]
+        baseline = {"success_rate": sum(bool(s) for s in q["success"]) / len(q["success"]),
+                    "fluent_success_rate": sum(bool(s) for s in q["fluent_success"]) / len(q["fluent_success"])}
+    return SweepResult(table=table, best=best, criterion=criterion if isinstance(criterion, str) else "custom",
+                       vectors=vectors, validation_prompts=val_prompts, chat=val_chat, notes=notes,
+                       time_s=time.perf_counter() - start, baseline=baseline)
+
+
+# ------------------------------------------------------------------------------------- auto_steer
+
+
+def auto_steer(
+    model: nn.Module,
+    tokenizer: Any,
+    datapoints: Sequence[TrainingDatapoint],
+    *,
+    validation_prompts: Sequence[Prompt] | None = None,
+    scorer: Any = None,
+    time_budget_s: float | None = None,
+    layers: Sequence[int] | None = None,
+    multipliers: Sequence[float] = (0.5, 0.75, 1.0, 1.5),
+    norm_fractions: Sequence[float | None] = (None,),
+    kl_weight: float = DEFAULT_KL_WEIGHT,
+    neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS,
+    optimize_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> tuple[SteeringVector, SweepResult]:
+    """From datapoint(s) to a steering vector that works: optimise a vector at each candidate layer and
+    norm cap, measure it at each strength on validation prompts, return the best.
+
+    Default success signal (no ``scorer``): the promoted completions' log-prob gain over the suppressed
+    ones on the validation prompts (nats per token) minus ``kl_weight`` × the KL (nats) on neutral
+    prompts. With a ``scorer``, the configurations are ranked by that signal first, and the best few are
+    then judged by generating on the validation prompts (fluent success rate; ties: the signal).
+
+    Args:
+        model, tokenizer: a HF causal LM and its tokenizer.
+        datapoints: one or more ``TrainingDatapoint`` (prompt, src/dst completions).
+        validation_prompts: held-out prompts (default: the built-in generic prompts, chat or plain
+            like the datapoints' prompts).
+        scorer: optional success scorer or spec (``"refusal"``, ``"language:es"``, ...).
+        time_budget_s: soft wall-time budget (s); the sweep stops starting new configurations when it
+            would be exceeded (see :func:`sweep`). ``None``: the full default grid (about 1–3 minutes
+            for SmolLM2-135M on 2 CPU cores).
+        layers: candidate layers (default: 15%, 25%, 35%, 45% of the depth).
+        multipliers: candidate strengths.
+        norm_fractions: norm caps as fractions of the median residual-stream norm at each layer
+            (``None`` = no cap).
+        kl_weight, neutral_prompts: the KL penalty.
+        optimize_kwargs: extra ``optimize_vector`` arguments (default: lr 0.1, 30 steps).
+        seed, progress: optimiser seed and progress bars.
+
+    Returns:
+        ``(steering, report)``: the chosen :class:`SteeringVector` already scaled by its strength (apply
+        it with ``steering.apply(model)``), and the :class:`SweepResult` it was chosen from (its
+        ``table``, ``best``, ``notes``; ``report.plot_heatmap()``).
+    """
+    if isinstance(datapoints, TrainingDatapoint):
+        datapoints = [datapoints]
+    if not isinstance(datapoints, Sequence) or not datapoints:
+        raise ValueError("`datapoints` must be a non-empty list of TrainingDatapoint")
+    for i, dp in enumerate(datapoints):
+        if not isinstance(dp, TrainingDatapoint):
+            raise TypeError(f"`datapoints[{i}]` must be a TrainingDatapoint, got {type(dp).__name__}")
+    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+        raise ValueError(f"`time_budget_s` must be a positive number of seconds or None, got {time_budget_s!r}")
+    fracs = _check_numbers("norm_fractions", norm_fractions, allow_none=True, positive=True)
+    scorer_fn = get_scorer(scorer) if scorer is not None else None
+    start = time.perf_counter()
+    layer_list = _default_layers(model) if layers is None else [
+        arch.resolve_layer(model, x, name="layers") for x in _check_numbers("layers", layers)]
+    chat = all(looks_like_chat(tokenizer, dp.prompt) for dp in datapoints)
+    val = _check_prompts(validation_prompts, "validation_prompts") if validation_prompts is not None else \
+        list(GENERIC_CHAT_PROMPTS if chat else GENERIC_PROMPTS)
+
+    # stage 1: cheap log-prob signal over the grid (one sweep per layer so norm caps can be per-layer)
+    stage1_budget = None if time_budget_s is None else time_budget_s * (0.6 if scorer_fn is not None else 1.0)
+    norms_at: dict[int, float] = {}
+    if any(f is not None for f in fracs):
+        norms_at = residual_norms(model, tokenizer, val[:4], layer_list, chat=chat)
+    table: list[dict[str, Any]] = []
+    vectors: dict[tuple[int, str], SteeringVector] = {}
+    notes: list[str] = []
+    for i, layer in enumerate(layer_list):
+        used = time.perf_counter() - start
+        if stage1_budget is not None and i > 0:
+            per_layer = used / i
+            if used + per_layer > stage1_budget:
+                notes.append(f"time budget: measured {i} of {len(layer_list)} candidate layers")
+                break
+        caps = [None if f is None else f * norms_at[layer] for f in fracs]
+        res = sweep(model, tokenizer, list(datapoints), layers=[layer], multipliers=multipliers, max_norms=caps,
+                    validation_prompts=val, chat=chat, criterion="margin", kl_weight=kl_weight,
+                    neutral_prompts=neutral_prompts, generate=False, optimize_kwargs=optimize_kwargs, seed=seed,
+                    progress=progress)
+        for row in res.table:
+            frac = next((f for f, c in zip(fracs, caps) if (c is None and row["variant"] == "additive") or
+                         (c is not None and row["variant"] == f"max_norm={c:g}")), None)
+            row["norm_fraction"] = frac
+        table.extend(res.table)
+        vectors.update(res.vectors)
+    criterion = "margin"
+    if scorer_fn is not None and table:
+        # stage 2: generate on the validation prompts for the best configurations by the signal
+        criterion = "fluent_success"
+        ev = Evaluator(model, tokenizer, val, scorer=scorer_fn, neutral_prompts=None, chat=chat, generate=True,
+                       max_new_tokens=32)
+        ev.baseline()
+        ranked = sorted(table, key=_rank_key, reverse=True)
+        judged = 0
+        t_stage2 = time.perf_counter()
+        for row in ranked[:6]:
+            if time_budget_s is not None and judged > 0:
+                per = (time.perf_counter() - t_stage2) / judged
+                if time.perf_counter() - start + per > time_budget_s:
+                    notes.append(f"time budget: judged {judged} configurations by generation")
+                    break
+            r = ev.evaluate(vectors[(row["layer"], row["variant"])], row["multiplier"])
+            for key in ("success_rate", "fluent_success_rate", "distinct2", "perplexity"):
+                row[key] = r.summary[key]
+            row["signal"] = row["criterion"]
+            judged += 1
+        for row in table:
+            row.setdefault("signal", row["criterion"])
+            row["criterion"] = row.get("fluent_success_rate")
+        best = max((r for r in table if r.get("fluent_success_rate") is not None),
+                   key=lambda r: (r["fluent_success_rate"], r["signal"]))
+    else:
+        best = max(table, key=_rank_key)
+    report = SweepResult(table=table, best=best, criterion=criterion, vectors=vectors, validation_prompts=val,
+                         chat=chat, notes=notes, time_s=time.perf_counter() - start)
+    steering = report.best_steering()
+    steering.metadata["method"] = "auto_steer"
+    return steering, report
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def _default_metric(result: SweepResult) -> str:
+    for m in ("fluent_success_rate", "success_rate", "criterion"):
+        if any(r.get(m) is not None for r in result.table):
+            return m
+    return "criterion"
+
+
+def plot_sweep_heatmap(result: SweepResult, metric: str | None = None, *, variant: str | None = None,
+                       ax: Any = None, save_path: str | Path | None = None, title: str | None = None) -> Any:
+    """Heatmap of ``metric`` (default: fluent success rate if measured, else the criterion) over
+    layer (rows) × multiplier (columns) for one variant (default: the best row's); the best cell is
+    outlined in red. Draws on ``ax`` or a new pyplot-free Figure (as :mod:`steering_opt.plots`);
+    returns the Figure; ``save_path`` also writes it (PNG, or the format of the suffix)."""
+    if not isinstance(result, SweepResult):
+        raise TypeError(f"`result` must be a SweepResult, got {type(result).__name__}")
+    if not result.table:
+        raise ValueError("the sweep has no rows to plot")
+    metric = metric or _default_metric(result)
+    if not any(metric in r for r in result.table):
+        raise ValueError(f"unknown metric {metric!r}; available: {sorted(result.table[0])}")
+    variant = variant or (result.best["variant"] if result.best else result.table[0]["variant"])
+    rows = [r for r in result.table if r["variant"] == variant]
+    if not rows:
+        raise ValueError(f"no rows for variant {variant!r}; variants: {sorted({r['variant'] for r in result.table})}")
+    fig, ax = _figure_and_ax(ax, (1.6 + 0.9 * len({r["multiplier"] for r in rows}),
+                                  1.2 + 0.5 * len({r["layer"] for r in rows})))
+    layers = sorted({r["layer"] for r in rows})
+    mults = sorted({r["multiplier"] for r in rows})
+    grid = [[math.nan] * len(mults) for _ in layers]
+    for r in rows:
+        v = r.get(metric)
+        grid[layers.index(r["layer"])][mults.index(r["multiplier"])] = math.nan if v is None else float(v)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(mults)), [f"{m:g}" for m in mults])
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_xlabel("multiplier (strength)")
+    ax.set_ylabel("layer")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.2g}", ha="center", va="center", color="w" if v < (im.norm.vmax + im.norm.vmin) / 2
+                        else "k", fontsize=8)
+    b = result.best
+    if b is not None and b["variant"] == variant:
+        from matplotlib.patches import Rectangle
+
+        ax.add_patch(Rectangle((mults.index(b["multiplier"]) - 0.5, layers.index(b["layer"]) - 0.5), 1, 1,
+                               fill=False, edgecolor="red", linewidth=2))
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title(title or f"{metric} ({variant})")
+    return _finish(fig, save_path)
+
+
+def plot_success_vs_strength(result: SweepResult, metric: str | None = None, *, layers: Sequence[int] | None = None,
+                             ax: Any = None, save_path: str | Path | None = None, title: str | None = None) -> Any:
+    """``metric`` (default: fluent success rate if measured, else the criterion) against the multiplier,
+    one line per (layer, variant); the unsteered rate as a dashed line when known. Returns the Figure
+    (pyplot-free, or ``ax``'s); ``save_path`` also writes it."""
+    if not isinstance(result, SweepResult):
+        raise TypeError(f"`result` must be a SweepResult, got {type(result).__name__}")
+    if not result.table:
+        raise ValueError("the sweep has no rows to plot")
+    metric = metric or _default_metric(result)
+    if not any(metric in r for r in result.table):
+        raise ValueError(f"unknown metric {metric!r}; available: {sorted(result.table[0])}")
+    fig, ax = _figure_and_ax(ax, (6.0, 4.0))
+    keys = sorted({(r["layer"], r["variant"]) for r in result.table if layers is None or r["layer"] in layers})
+    for layer, variant in keys:
+        pts = sorted((r["multiplier"], r.get(metric)) for r in result.table
+                     if r["layer"] == layer and r["variant"] == variant and r.get(metric) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"layer {layer}" + ("" if variant == "additive" else f" {variant}"))
+    base = result.baseline.get(metric)
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle="--", label="unsteered")
+    ax.set_xlabel("multiplier (strength)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs strength")
+    ax.legend(fontsize=8)
+    return _finish(fig, save_path)

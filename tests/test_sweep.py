@@ -1,0 +1,253 @@
+"""steering_opt.sweep: train/validation split, sweeps (optimised, contrastive, custom), the criterion,
+time budget, plots, residual norms and auto_steer — on tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from steering_opt import SteeringVector, TrainingDatapoint
+from steering_opt.evaluate import Evaluator
+from steering_opt.sweep import (
+    GENERIC_CHAT_PROMPTS,
+    GENERIC_PROMPTS,
+    SweepResult,
+    auto_steer,
+    looks_like_chat,
+    plot_success_vs_strength,
+    plot_sweep_heatmap,
+    residual_norms,
+    split_train_validation,
+    sweep,
+)
+
+D = 64
+FAST = {"max_iters": 2, "lr": 0.1}
+DP = TrainingDatapoint("The weather today is", src_completions=[" sunny and warm"], dst_completions=[" cold and wet"])
+VAL = ["Tomorrow it will be", "In the morning the sky"]
+NEUTRAL = ["A neutral sentence"]
+
+
+def _state(model: torch.nn.Module) -> tuple:
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    return (hooks, model.training, tuple(p.requires_grad for p in model.parameters()))
+
+
+def test_split_train_validation() -> None:
+    items = list(range(10))
+    tr, va = split_train_validation(items, 0.3, seed=1)
+    assert len(va) == 3 and len(tr) == 7 and sorted(tr + va) == items
+    assert split_train_validation(items, 0.3, seed=1) == (tr, va)
+    assert split_train_validation(items, 0.3, seed=2) != (tr, va)
+    assert [len(x) for x in split_train_validation([1, 2], 0.01)] == [1, 1]
+    with pytest.raises(ValueError, match="`val_fraction`"):
+        split_train_validation(items, 1.5)
+    with pytest.raises(ValueError, match="at least 2"):
+        split_train_validation([1], 0.5)
+
+
+def test_looks_like_chat(tokenizer) -> None:
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert looks_like_chat(tokenizer, chat)
+    assert not looks_like_chat(tokenizer, "The weather today is")
+    assert len(GENERIC_PROMPTS) >= 8 and len(GENERIC_CHAT_PROMPTS) >= 8
+
+
+def test_sweep_optimize_table_best_and_vectors(tiny_llama, tokenizer) -> None:
+    before = _state(tiny_llama)
+    res = sweep(tiny_llama, tokenizer, [DP], layers=[1, 2], multipliers=[0.0, 1.0, 2.0], validation_prompts=VAL,
+                neutral_prompts=NEUTRAL, optimize_kwargs=FAST)
+    assert _state(tiny_llama) == before
+    assert isinstance(res, SweepResult) and res.criterion == "margin"
+    assert len(res.table) == 6 and set(res.vectors) == {(1, "additive"), (2, "additive")}
+    for row in res.table:
+        for key in ("layer", "variant", "multiplier", "norm", "train_loss", "build_s", "kl", "margin_gain",
+                    "margin_gain_per_token", "criterion"):
+            assert key in row
+        assert row["criterion"] == pytest.approx(row["margin_gain_per_token"] - row["kl"])
+        if row["multiplier"] == 0.0:  # no steering: nothing changes
+            assert row["kl"] == pytest.approx(0.0, abs=1e-6)
+            assert row["margin_gain"] == pytest.approx(0.0, abs=1e-4)
+    assert res.best is max(res.table, key=lambda r: (r["criterion"], -r["kl"], -abs(r["multiplier"])))
+    # the table's numbers are reproducible by evaluating the returned vector directly
+    best_vec = res.best_steering()
+    ev = Evaluator(tiny_llama, tokenizer, VAL, promote=DP.dst_completions, suppress=DP.src_completions,
+                   neutral_prompts=NEUTRAL, generate=False)
+    direct = ev.evaluate(best_vec)
+    assert direct.summary["margin_gain"] == pytest.approx(res.best["margin_gain"], abs=1e-4)
+    assert direct.summary["kl"] == pytest.approx(res.best["kl"], rel=1e-4, abs=1e-7)
+    vec = res.vectors[(res.best["layer"], "additive")]
+    assert torch.allclose(best_vec.layer_activations[res.best["layer"]],
+                          vec.layer_activations[res.best["layer"]] * res.best["multiplier"])
+    assert best_vec.metadata["sweep_choice"]["layer"] == res.best["layer"]
+    md = res.to_markdown()
+    assert md.count("\n") == len(res.table) + 1 and "| layer |" in md
+
+
+def test_sweep_norm_caps_and_clamps(tiny_llama, tokenizer) -> None:
+    res = sweep(tiny_llama, tokenizer, [DP], layers=[1], multipliers=[1.0], max_norms=[None, 0.5], clamps=[2.0],
+                validation_prompts=VAL, neutral_prompts=NEUTRAL, optimize_kwargs={"max_iters": 3, "lr": 1.0})
+    by = {r["variant"]: r for r in res.table}
+    assert set(by) == {"additive", "max_norm=0.5", "clamp=2"}
+    assert by["max_norm=0.5"]["norm"] <= 0.5 + 1e-5 < by["additive"]["norm"]
+    assert res.vectors[(1, "clamp=2")].clamp == 2.0 and res.vectors[(1, "additive")].clamp is None
+
+
+def test_sweep_with_scorer_generates_and_ranks_by_fluent_success(tiny_llama, tokenizer) -> None:
+    def scorer(completion: str, prompt: str) -> float:
+        return 1.0
+
+    res = sweep(tiny_llama, tokenizer, [DP], layers=[1], multipliers=[0.5, 1.0], validation_prompts=VAL,
+                neutral_prompts=NEUTRAL, scorer=scorer, optimize_kwargs=FAST, max_new_tokens=4)
+    assert res.criterion == "fluent_success"
+    for row in res.table:
+        assert row["criterion"] == row["fluent_success_rate"]
+        assert row["success_rate"] == 1.0
+    assert res.baseline["success_rate"] == 1.0
+    # ties on the criterion go to the lower KL
+    top = [r for r in res.table if r["criterion"] == res.best["criterion"]]
+    assert res.best["kl"] == min(r["kl"] for r in top)
+
+
+def test_sweep_custom_method_and_criterion(tiny_llama, tokenizer) -> None:
+    g = torch.Generator().manual_seed(0)
+    made: list[tuple[int, dict]] = []
+
+    def method(model, tok, train, layer, **opts):
+        made.append((layer, opts))
+        return SteeringVector({layer: torch.randn(D, generator=g)})
+
+    res = sweep(tiny_llama, tokenizer, [DP], layers=[0, 3], multipliers=[1.0, 3.0], method=method,
+                validation_prompts=VAL, neutral_prompts=NEUTRAL, criterion=lambda r: -r["kl"])
+    assert [m[0] for m in made] == [0, 3]
+    assert res.best["kl"] == min(r["kl"] for r in res.table)
+    assert res.criterion == "custom"
+
+
+def test_sweep_splits_several_datapoints_into_train_and_validation(tiny_llama, tokenizer) -> None:
+    dps = [TrainingDatapoint(f"Sentence number {i} is", src_completions=[" short"], dst_completions=[" long"])
+           for i in range(4)]
+    res = sweep(tiny_llama, tokenizer, dps, layers=[1], multipliers=[1.0], val_fraction=0.5, neutral_prompts=None,
+                optimize_kwargs=FAST)
+    assert len(res.validation_prompts) == 2
+    assert set(res.validation_prompts) <= {dp.prompt for dp in dps}
+    res1 = sweep(tiny_llama, tokenizer, [DP], layers=[1], multipliers=[1.0], neutral_prompts=None,
+                 optimize_kwargs=FAST)
+    assert res1.validation_prompts == list(GENERIC_PROMPTS) and not res1.chat
+
+
+def test_sweep_time_budget_stops_early(tiny_llama, tokenizer) -> None:
+    res = sweep(tiny_llama, tokenizer, [DP], layers=[0, 1, 2, 3], multipliers=[1.0], validation_prompts=VAL,
+                neutral_prompts=NEUTRAL, optimize_kwargs=FAST, time_budget_s=1e-3)
+    assert {r["layer"] for r in res.table} == {0}
+    assert any("time budget" in n for n in res.notes)
+
+
+def test_sweep_errors_before_work(tiny_llama, tokenizer) -> None:
+    with pytest.raises(ValueError, match="`train`"):
+        sweep(tiny_llama, tokenizer, [], layers=[1])
+    with pytest.raises(TypeError, match=r"`train\[0\]`"):
+        sweep(tiny_llama, tokenizer, ["text"], layers=[1])
+    with pytest.raises(ValueError, match="`method`"):
+        sweep(tiny_llama, tokenizer, [DP], layers=[1], method="magic")
+    with pytest.raises(ValueError, match="duplicates"):
+        sweep(tiny_llama, tokenizer, [DP], layers=[1, 1])
+    with pytest.raises(ValueError, match="layers"):
+        sweep(tiny_llama, tokenizer, [DP], layers=[99])
+    with pytest.raises(ValueError, match="`multipliers`"):
+        sweep(tiny_llama, tokenizer, [DP], layers=[1], multipliers=[])
+    with pytest.raises(ValueError, match="`max_norms`"):
+        sweep(tiny_llama, tokenizer, [DP], layers=[1], max_norms=[-1.0])
+    with pytest.raises(ValueError, match="needs a `scorer`"):
+        sweep(tiny_llama, tokenizer, [DP], layers=[1], criterion="fluent_success")
+    with pytest.raises(ValueError, match="`time_budget_s`"):
+        sweep(tiny_llama, tokenizer, [DP], layers=[1], time_budget_s=0)
+    with pytest.raises(ValueError, match="`criterion`"):
+        sweep(tiny_llama, tokenizer, [DP], layers=[1], criterion="best")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+def test_plots_return_figures_and_save_png(tiny_llama, tokenizer, tmp_path) -> None:
+    res = sweep(tiny_llama, tokenizer, [DP], layers=[1, 2], multipliers=[0.5, 1.0], validation_prompts=VAL,
+                neutral_prompts=NEUTRAL, optimize_kwargs=FAST)
+    for fn, name in ((plot_sweep_heatmap, "heat.png"), (plot_success_vs_strength, "strength.png")):
+        fig = fn(res, save_path=tmp_path / name)
+        assert hasattr(fig, "savefig")
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = res.plot_heatmap("kl")
+    assert fig.axes[0].get_title().startswith("kl")
+    assert res.plot_strength("margin_gain").axes[0].get_ylabel() == "margin_gain"
+    with pytest.raises(ValueError, match="unknown metric"):
+        res.plot_heatmap("nope")
+    with pytest.raises(TypeError, match="SweepResult"):
+        plot_sweep_heatmap({"table": []})
+
+
+def test_residual_norms_match_hidden_states(tiny_llama, tokenizer) -> None:
+    got = residual_norms(tiny_llama, tokenizer, VAL, [1, -1])
+    n = tiny_llama.config.num_hidden_layers
+    assert set(got) == {1, n - 1}
+    norms = []
+    for p in VAL:
+        with torch.no_grad():
+            hs = tiny_llama(**tokenizer(p, return_tensors="pt"), output_hidden_states=True).hidden_states
+        norms.append(hs[1][0, 1:].norm(dim=-1))
+    assert got[1] == pytest.approx(float(torch.cat(norms).median()), rel=1e-5)
+
+
+def test_auto_steer_returns_scaled_vector_and_table(tiny_llama, tokenizer) -> None:
+    before = _state(tiny_llama)
+    vec, report = auto_steer(tiny_llama, tokenizer, [DP], validation_prompts=VAL, layers=[1, 2],
+                             multipliers=[0.5, 1.0], norm_fractions=[None, 0.5], neutral_prompts=NEUTRAL,
+                             optimize_kwargs=FAST)
+    assert _state(tiny_llama) == before
+    assert isinstance(vec, SteeringVector) and vec.metadata["method"] == "auto_steer"
+    assert len(report.table) == 2 * 2 * 2 and report.criterion == "margin"
+    b = report.best
+    assert b is max(report.table, key=lambda r: (r["criterion"], -r["kl"], -abs(r["multiplier"])))
+    raw = report.vectors[(b["layer"], b["variant"])]
+    assert torch.allclose(vec.layer_activations[b["layer"]], raw.layer_activations[b["layer"]] * b["multiplier"])
+    capped = [r for r in report.table if r["norm_fraction"] == 0.5]
+    norms = residual_norms(tiny_llama, tokenizer, VAL[:4], [1, 2])
+    for r in capped:
+        assert r["norm"] <= 0.5 * norms[r["layer"]] + 1e-4
+
+
+def test_auto_steer_with_scorer_and_budget(tiny_llama, tokenizer) -> None:
+    def scorer(completion: str, prompt: str) -> float:
+        return float("e" in completion)
+
+    vec, report = auto_steer(tiny_llama, tokenizer, DP, validation_prompts=VAL, scorer=scorer, layers=[1, 2],
+                             multipliers=[1.0], neutral_prompts=NEUTRAL, optimize_kwargs=FAST)
+    assert report.criterion == "fluent_success"
+    judged = [r for r in report.table if r.get("fluent_success_rate") is not None]
+    assert judged and report.best in judged
+    assert report.best["fluent_success_rate"] == max(r["fluent_success_rate"] for r in judged)
+    _, short = auto_steer(tiny_llama, tokenizer, [DP], validation_prompts=VAL, layers=[0, 1, 2, 3],
+                          multipliers=[1.0], neutral_prompts=NEUTRAL, optimize_kwargs=FAST, time_budget_s=1e-3)
+    assert {r["layer"] for r in short.table} == {0} and short.notes
+    with pytest.raises(ValueError, match="`datapoints`"):
+        auto_steer(tiny_llama, tokenizer, [])
+    with pytest.raises(TypeError, match=r"`datapoints\[0\]`"):
+        auto_steer(tiny_llama, tokenizer, ["x"])
+    with pytest.raises(ValueError, match="`time_budget_s`"):
+        auto_steer(tiny_llama, tokenizer, [DP], time_budget_s=-1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("steering_opt.contrastive") is None, reason="contrastive.py not landed")
+def test_sweep_contrastive(tiny_llama, tokenizer) -> None:
+    from steering_opt.contrastive import ContrastPair
+
+    pairs = [ContrastPair("The weather is cold and wet", "The weather is sunny and warm"),
+             ContrastPair("It rained all day", "It was bright all day")]
+    res = sweep(tiny_llama, tokenizer, pairs, method="contrastive", layers=[1, 2], multipliers=[1.0],
+                max_norms=[None, 1.0], validation_prompts=VAL, neutral_prompts=NEUTRAL, promote=[" cold"],
+                suppress=[" warm"])
+    assert len(res.table) == 4
+    capped = [r for r in res.table if r["variant"] == "max_norm=1"]
+    assert all(r["norm"] <= 1.0 + 1e-5 for r in capped)
+    assert all(not math.isnan(r["kl"]) for r in res.table)
