@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -349,12 +350,19 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         model=_fingerprint(model, args),
     )
     vector.metadata.pop("loss", None)  # a per-completion nested list with --per-completion-target
+    for key in ("output_constr_iters", "constraints_satisfied", "norm_before_output_constr"):
+        if key in info:
+            vector.metadata[key] = info[key]
     out = save(vector, args.out)
     hist = info.get("loss_history") or [final]
     norms = ", ".join(f"{k}: {float(v.norm()):.3g}" for k, v in sorted(vector.layer_activations.items()))
     article = "an" if vector.kind[0] in "aeiou" else "a"
     print(f"Optimised {article} {vector.kind} vector at layer(s) {layers}: {info.get('iters')} steps, loss "
           f"{hist[0]:.4g} -> {final:.4g} nats ({info.get('status')}), norm(s) {{{norms}}}")
+    if "output_constr_iters" in info:
+        print(f"Then {info['output_constr_iters']} norm-minimisation steps: norm "
+              f"{info['norm_before_output_constr']:.4g} -> {info['norm']:.4g}, constraints "
+              f"{'satisfied' if info.get('constraints_satisfied') else 'NOT satisfied'}")
     print(f"Saved to {out}")
     if not args.no_plot:
         plot = _plot_path(args.out, args.plot)
@@ -810,7 +818,9 @@ def _describe(vec: Any, indent: str = "") -> list[str]:
         extra = [f"{model[k]} {label}" for k, label in (("hidden_size", "hidden"), ("num_layers", "layers"))
                  if model.get(k) is not None]
         lines.append(f"{indent}model: {model.get('name_or_path') or '?'} ({', '.join(parts + extra)})")
-    for key, label in (("method", "method"), ("iters", "iterations"), ("status", "status")):
+    for key, label in (("method", "method"), ("iters", "iterations"), ("status", "status"),
+                       ("output_constr_iters", "norm-minimisation steps"),
+                       ("constraints_satisfied", "constraints satisfied")):
         if m.get(key) is not None:
             lines.append(f"{indent}{label}: {m[key]}")
     if m.get("final_loss") is not None:
@@ -909,6 +919,11 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # keep the command's output clean; -v shows progress bars
     try:
         return func(args)
+    except BrokenPipeError:  # e.g. `steering-opt info ... | head`: stop quietly, as other tools do
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (_UserError, ValueError, OSError) as exc:  # FileNotFoundError is an OSError
         print(f"steering-opt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -121,6 +121,8 @@ def test_optimize_from_jsonl_writes_vector_and_loss_curve(capsys, model_dir: Pat
     (["--vector-clamp", "2"], "clamp", [2]),
     (["--joint", "--sparsity-weight", "0.1", "--entropy-weight", "1"], "additive", [1, 2]),
     (["--per-completion-target", "--target-loss", "0.5", "--normalize-token-length"], "additive", [1, 2]),
+    (["--target-loss", "100", "--output-constr", "--max-output-constr-iters", "2", "--noise-scale", "0.1"],
+     "additive", [2]),
 ])
 def test_optimize_kinds_and_options(capsys, model_dir: Path, data_dir: Path, loaded, tmp_path: Path, extra: list,
                                     kind: str, layers: list) -> None:
@@ -138,6 +140,8 @@ def test_optimize_kinds_and_options(capsys, model_dir: Path, data_dir: Path, loa
     elif len(layers) > 1:  # several layers share one vector
         assert torch.equal(vec.layer_activations[1], vec.layer_activations[2])
     assert isinstance(vec.metadata["final_loss"], float)
+    if "--output-constr" in extra:
+        assert vec.metadata["output_constr_iters"] >= 1 and vec.metadata["constraints_satisfied"] is True
 
 
 # --------------------------------------------------------------------------------------------------- train
