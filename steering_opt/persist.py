@@ -227,7 +227,12 @@ def _atomic_write_dir(target: Path, build: Callable[[Path], None]) -> Path:
 
     An existing ``target`` is replaced only if it is a steering_opt save or an empty folder.
     """
+    target = Path(os.path.abspath(target))  # "." or "x/.." must name a real parent for the final rename
     check_save_target(target)
+    cwd = Path.cwd().resolve()
+    if target.exists() and (cwd == target.resolve() or target.resolve() in cwd.parents):
+        raise ValueError(f"cannot save to {str(target)!r}: it is (or contains) the current working folder, which "
+                         "a save replaces as a whole; save to a sub-folder instead")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -447,7 +447,7 @@ def test_interrupted_rename_keeps_old_save(tmp_path: Path, monkeypatch: pytest.M
     assert [p.name for p in tmp_path.iterdir()] == ["v"]
 
 
-def test_save_never_replaces_foreign_data(tmp_path: Path) -> None:
+def test_save_never_replaces_foreign_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "my_experiment"
     folder.mkdir()
     (folder / "notes.txt").write_text("precious")
@@ -462,6 +462,13 @@ def test_save_never_replaces_foreign_data(tmp_path: Path) -> None:
     so.save(make_vector("additive"), tmp_path / "empty")
     so.save({"a": make_vector("additive")}, tmp_path / "empty")
     assert isinstance(so.load(tmp_path / "empty"), dict)
+    # the current folder is never swapped out from under the process
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path / "empty")
+        with pytest.raises(ValueError, match="current working folder"):
+            so.save(make_vector("additive"), ".")
+        so.save(make_vector("additive"), "sub")
+        assert so.load("sub").layers == [1]
 
 
 # ------------------------------------------------------------------------------------------- legacy import
