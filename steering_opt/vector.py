@@ -423,8 +423,9 @@ class SequenceTracker:
     / one past the last position of the real tokens of the *prompt*).
 
     A forward is the next step of a generation (and keeps the prompt bounds) when it has a non-empty KV
-    cache, or when its ``input_ids`` extend the previous forward's ``input_ids`` (``generate`` with
-    ``use_cache=False`` re-feeds the whole sequence); any other forward starts a new prompt. Hence
+    cache, or when its ``input_ids`` are longer than the prompt's and start with them (``generate`` with
+    ``use_cache=False`` re-feeds the whole sequence; beam reordering keeps each row's prompt); any other
+    forward starts a new prompt. Hence
     "last prompt token", "generated tokens" and negative indices select the same tokens with and
     without a KV cache.
     """
@@ -434,7 +435,7 @@ class SequenceTracker:
         self.real: torch.Tensor | None = None
         self.prompt_start: torch.Tensor | None = None
         self.prompt_end: torch.Tensor | None = None
-        self._prev_ids: torch.Tensor | None = None
+        self._prompt_ids: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids")
@@ -442,7 +443,7 @@ class SequenceTracker:
             ids = args[0]
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
-            self.positions = self.real = self.prompt_start = self.prompt_end = self._prev_ids = None
+            self.positions = self.real = self.prompt_start = self.prompt_end = self._prompt_ids = None
             return
         b, n = int(ref.shape[0]), int(ref.shape[1])
         past = _cache_len(kwargs.get("cache", kwargs.get("past_key_values")))
@@ -454,13 +455,13 @@ class SequenceTracker:
         real = None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= n:
             real = mask[:, mask.shape[1] - n:].to(ref.device).bool()
-        prev = self._prev_ids
+        prompt = self._prompt_ids
         continuation = past > 0 or (
-            ids is not None and prev is not None and prev.shape[0] == b and n > prev.shape[1]
-            and torch.equal(ids[:, : prev.shape[1]], prev.to(ids.device)))
+            ids is not None and prompt is not None and prompt.shape[0] == b and n > prompt.shape[1]
+            and torch.equal(ids[:, : prompt.shape[1]], prompt.to(ids.device)))
         if not continuation or self.prompt_end is None or self.prompt_end.shape[0] != b:
             self.prompt_start, self.prompt_end = _bounds(pos, real)
-        self._prev_ids = ids.detach().clone() if ids is not None and ids.dim() == 2 else None
+            self._prompt_ids = ids.detach().clone() if ids is not None and ids.dim() == 2 and past == 0 else None
         self.positions, self.real = pos, real
 
 

@@ -195,6 +195,22 @@ def test_token_positions_same_with_and_without_kv_cache(arch_name, tokenizer):
         assert (scores_c - base).abs().max() > 1e-2, f"{name}: steering had no effect"
 
 
+def test_beam_search_same_with_and_without_kv_cache(tiny_llama):
+    """Beam search reorders rows between steps; each row keeps its prompt, so the same tokens are steered."""
+    ids = torch.tensor([[5, 17, 301, 42, 9], [2, 2, 88, 31, 7]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    vec = SteeringVector({1: _vec(1, 6)})
+    for mode in ("generated", "last"):
+        outs = []
+        for use_cache in (True, False):
+            with vec.apply(tiny_llama, injection_mode=mode), torch.no_grad():
+                outs.append(tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3,
+                                                do_sample=False, pad_token_id=2, use_cache=use_cache,
+                                                output_scores=True, return_dict_in_generate=True))
+        assert torch.equal(outs[0].sequences, outs[1].sequences), mode
+        torch.testing.assert_close(outs[0].sequences_scores, outs[1].sequences_scores, atol=1e-4, rtol=1e-4)
+
+
 def test_token_modes_mean_the_documented_positions(tiny_llama):
     """Without a cache, with one unpadded prompt of length P: modes and negative indices equal absolute positions."""
     ids = torch.tensor([[5, 17, 301, 42, 9]])
