@@ -30,11 +30,11 @@ def test_committed_notebook_matches_builder():
     assert all(c.outputs for c in nb.cells if c.cell_type == "code"), "committed notebook has unexecuted cells"
 
 
-def test_notebook_executes_without_errors(tmp_path):
+def test_notebook_executes_without_errors(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(str(NOTEBOOK), as_version=4)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the kernel's torch: 2 shared cores
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # the kernel's torch threads
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(ROOT)}})
     client.execute()  # raises CellExecutionError on the first failing cell
