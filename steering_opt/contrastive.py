@@ -552,7 +552,7 @@ def train_steering_vector(
     meta: dict[str, Any] = {
         "method": "contrastive",
         "aggregator": getattr(aggregator, "__name__", type(aggregator).__name__),
-        "read_token_index": read_token_index if isinstance(read_token_index, int) else "callable",
+        "read_token_index": "callable" if callable(read_token_index) else int(read_token_index),
         "n_pairs": int(n_pairs),
     }
     return SteeringVector(layer_activations=vectors, layer_type=layer_type, metadata=meta)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import arch
-from .contrastive import Text, tokenize_text
+from .contrastive import Text, _input_device, tokenize_text
 from .hooks import frozen_model
 from .vector import (
     INJECTION_MODES,
@@ -398,7 +398,7 @@ def generate_with_steering(
     for r, e in enumerate(encoded):
         ids[r, width - len(e):] = torch.tensor(e)
         mask[r, width - len(e):] = 1
-    device = next(model.parameters()).device
+    device = _input_device(model)
     kwargs = {"do_sample": False, "pad_token_id": pad_id, **generate_kwargs}
     if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
         kwargs["max_new_tokens"] = 40
