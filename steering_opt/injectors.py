@@ -18,7 +18,7 @@ Layer convention: ``component="residual"`` is the residual stream *entering* blo
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -244,8 +244,8 @@ class ActivationInjector:
         self.vectors = as_steering_vectors(vectors, layer, name="vectors")
         self.strength = _check_number(strength, "strength")
         self.injection_mode = injection_mode
-        self._options = dict(operator=operator, min_token_index=min_token_index, token_indices=token_indices,
-                             layer_config=layer_config)
+        self._options: dict[str, Any] = dict(operator=operator, min_token_index=min_token_index,
+                                             token_indices=token_indices, layer_config=layer_config)
         self._handles: list[Any] = []
 
     def _multiplier(self) -> float:
@@ -316,6 +316,9 @@ class MultiVectorInjector:
         """A copy of the current ``{name: strength}``."""
         return dict(self._strengths)
 
+    def _strength_of(self, name: str) -> Callable[[], float]:
+        return lambda: self._strengths[name]
+
     def set_strength(self, name: str, value: float) -> None:
         """Set the multiplier of vector set ``name`` (effective from the next forward)."""
         if name not in self._strengths:
@@ -329,8 +332,7 @@ class MultiVectorInjector:
         try:
             for name, vecs in self.vector_sets.items():
                 for vec in vecs:
-                    self._handles.append(vec.patch(self.model, lambda name=name: self._strengths[name],
-                                                   layer_config=self.layer_config,
+                    self._handles.append(vec.patch(self.model, self._strength_of(name), layer_config=self.layer_config,
                                                    injection_mode=self.injection_mode))
         except BaseException:
             self.remove()
