@@ -388,15 +388,16 @@ def sweep(
         clamps: clamp coefficients; each is one more variant (clamp steering ``h − (h·v̂)v̂ + c·v``).
         method: ``"optimize"``, ``"contrastive"`` or ``f(model, tokenizer, train, layer, **opts) ->
             SteeringVector`` (``opts``: ``max_norm`` / ``vector_clamp`` of the variant).
-        validation_prompts: held-out prompts. Default: with ≥ 2 datapoints, a seeded split of
+        validation_prompts: held-out prompts. Default: with ≥ 2 ``TrainingDatapoint``, a seeded split of
             ``train`` (``val_fraction`` of it, whose prompts become the validation prompts); otherwise
             the built-in :data:`GENERIC_PROMPTS` / :data:`GENERIC_CHAT_PROMPTS`.
-        chat: whether plain-string validation prompts are chat user messages; ``"auto"``: yes when the
-            datapoints' prompts are chat-template text.
+        chat: whether plain-string validation prompts are chat user messages; ``"auto"``: yes when
+            ``train`` holds ``TrainingDatapoint`` whose prompts are chat-template text (any ``method``).
         scorer: success scorer or spec (see :mod:`steering_opt.scorers`).
         criterion / kl_weight: see the module docstring (``"auto"``: ``"fluent_success"`` with a
             scorer, else ``"margin"``).
-        promote / suppress: completions for the margin (default: the datapoints' dst / src completions).
+        promote / suppress: completions for the margin (default: the datapoints' dst / src completions
+            when ``train`` holds ``TrainingDatapoint``, with any ``method``).
         neutral_prompts: prompts for the KL measurement.
         generate: generate validation texts (``"auto"``: only with a scorer).
         max_new_tokens, batch_size: generation settings.
@@ -445,7 +446,8 @@ def sweep(
     opt_kwargs.setdefault("seed", seed)
 
     train_items = list(train)
-    if method == "optimize":
+    datapoints = all(isinstance(x, TrainingDatapoint) for x in train_items)
+    if datapoints:  # any method: the datapoints say what is chat and what to promote / suppress
         if chat == "auto":
             chat = all(looks_like_chat(tokenizer, dp.prompt) for dp in train_items)
         if promote is None:
@@ -457,7 +459,7 @@ def sweep(
     val_chat = bool(chat)
     if validation_prompts is not None:
         val_prompts = _check_prompts(validation_prompts, "validation_prompts")
-    elif method == "optimize" and len(train_items) >= 2:
+    elif datapoints and len(train_items) >= 2:
         train_items, held = split_train_validation(train_items, val_fraction, seed=seed)
         val_prompts = [dp.prompt for dp in held]
         val_chat = False  # datapoint prompts are already formatted
@@ -536,7 +538,7 @@ def auto_steer(
     scorer: Any = None,
     time_budget_s: float | None = None,
     layers: Sequence[int] | None = None,
-    multipliers: Sequence[float] = (0.5, 0.75, 1.0, 1.5),
+    multipliers: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
     norm_fractions: Sequence[float | None] = (None,),
     kl_weight: float = DEFAULT_KL_WEIGHT,
     neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS,

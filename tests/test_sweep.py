@@ -124,6 +124,7 @@ def test_sweep_custom_method_and_criterion(tiny_llama, tokenizer) -> None:
     res = sweep(tiny_llama, tokenizer, [DP], layers=[0, 3], multipliers=[1.0, 3.0], method=method,
                 validation_prompts=VAL, neutral_prompts=NEUTRAL, criterion=lambda r: -r["kl"])
     assert [m[0] for m in made] == [0, 3]
+    assert all(r["margin_gain"] is not None for r in res.table)  # promote/suppress from the datapoint
     assert res.best["kl"] == min(r["kl"] for r in res.table)
     assert res.criterion == "custom"
 
@@ -138,6 +139,12 @@ def test_sweep_splits_several_datapoints_into_train_and_validation(tiny_llama, t
     res1 = sweep(tiny_llama, tokenizer, [DP], layers=[1], multipliers=[1.0], neutral_prompts=None,
                  optimize_kwargs=FAST)
     assert res1.validation_prompts == list(GENERIC_PROMPTS) and not res1.chat
+    chat_dp = TrainingDatapoint(tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                                              add_generation_prompt=True), dst_completions=["No."])
+    for method in ("optimize", lambda model, tok, train, layer: SteeringVector({layer: torch.ones(D)})):
+        res2 = sweep(tiny_llama, tokenizer, [chat_dp], layers=[1], multipliers=[1.0], neutral_prompts=None,
+                     method=method, optimize_kwargs=FAST)
+        assert res2.chat and res2.validation_prompts == list(GENERIC_CHAT_PROMPTS)
 
 
 def test_sweep_time_budget_stops_early(tiny_llama, tokenizer) -> None:

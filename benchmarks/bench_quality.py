@@ -1,0 +1,225 @@
+"""Quality benchmark: does one-shot steering change behaviour on prompts it never saw, fluently?
+
+Usage::
+
+    python benchmarks/bench_quality.py                       # all tasks -> benchmarks/quality.json + RESULTS.md
+    python benchmarks/bench_quality.py --tasks refusal_induction --no-markdown
+
+Tasks (benchmarks/quality_tasks.py): English→Spanish (the reference tutorial's datapoint), positive→negative
+sentiment, a topic (weddings) and refusal induction on harmless chat requests. Each has ONE training datapoint
+and 24 held-out test prompts written for this benchmark. Methods, all on the embedded SmolLM2-135M-Instruct:
+
+* ``none``: no steering; ``prompting``: an instruction in the prompt (plain tasks) or system message (chat);
+* ``opt``: ``optimize_vector`` with the documented recipe (layer ``--layer``, lr 0.1, 30 steps), strength 1;
+* ``opt+max_norm``: the same under a norm cap of ``--norm-fraction`` × the median residual norm at that layer;
+* ``opt+clamp``: clamp steering (``vector_clamp=1``);
+* ``opt+output_constr``: the recipe, then the output-constrained phase (minimum norm at the same loss);
+* ``caa1`` / ``caa16``: contrastive mean difference (``train_steering_vector``, last token) from the same single
+  pair / from 16 pairs, at the layer of ``opt``, strength chosen on the generic validation prompts (from
+  0.25…4, by fluent success on 6 prompts) — a tuning step the optimised vectors do not get;
+* ``auto_steer``: ``steering_opt.auto_steer(model, tok, [datapoint], time_budget_s=--auto-budget)`` (its default
+  log-prob signal on the built-in generic validation prompts; no scorer, no test prompt seen).
+
+Metrics on the test prompts (greedy, ``--max-new-tokens`` tokens): success rate (the task's scorer);
+fluent-success rate (success AND distinct-2 ≥ 0.75 AND ≥ 95% of the words are words of the target language
+in wordfreq's list); perplexity of the generated text under the unsteered model (given the plain prompt);
+KL(unsteered ‖ steered) on neutral prompts (nats). Writes every generation to the JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import quality_tasks  # noqa: E402
+
+import steering_opt as so  # noqa: E402
+from steering_opt.contrastive import ContrastPair, train_steering_vector  # noqa: E402
+from steering_opt.evaluate import Evaluator, format_prompt, perplexity  # noqa: E402
+from steering_opt.sweep import GENERIC_CHAT_PROMPTS, GENERIC_PROMPTS, residual_norms  # noqa: E402
+
+RECIPE = {"lr": 0.1, "max_iters": 30}
+CAA_MULTIPLIERS = [0.25, 0.5, 1.0, 2.0, 4.0]
+
+
+def _summary_row(name: str, res: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    s = res.summary
+    return {"method": name, "success_rate": s.get("success_rate"), "fluent_success_rate": s.get("fluent_success_rate"),
+            "perplexity": s.get("perplexity"), "kl": s.get("kl"), "distinct2": s.get("distinct2"),
+            "real_words": s.get("real_words"), "margin_gain": s.get("margin_gain"), **extra,
+            "outputs": [{"prompt": r["prompt"], "text": r["steered"], "success": r["success"],
+                         "fluent": r["fluent"]} for r in res.records]}
+
+
+def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Namespace) -> dict[str, Any]:
+    t_task = time.perf_counter()
+    layer = args.layer
+    ptxt = format_prompt(tok, task.prompt, chat=task.chat)
+    dp = so.TrainingDatapoint(ptxt, src_completions=[task.src], dst_completions=[task.dst])
+    ev = Evaluator(model, tok, task.test_prompts, scorer=task.scorer, promote=[task.dst], suppress=[task.src],
+                   chat=task.chat, max_new_tokens=args.max_new_tokens, fluency_lang=task.lang)
+    rows: list[dict[str, Any]] = []
+
+    def log(msg: str) -> None:
+        print(f"[{task.name} {time.perf_counter() - t_task:6.1f}s] {msg}", flush=True)
+
+    res = ev.evaluate(None, label="none")
+    rows.append(_summary_row("none", res, {}))
+    log(f"none: success {res.summary['success_rate']:.2f}")
+
+    # prompting baseline: the instruction is part of the prompt; perplexity is measured given the plain prompt
+    instructed = [task.prompt_with_instruction(p) for p in task.test_prompts]
+    pev = Evaluator(model, tok, instructed, scorer=task.scorer, chat=False, max_new_tokens=args.max_new_tokens,
+                    fluency_lang=task.lang, neutral_prompts=None)
+    pres = pev.evaluate(None, label="prompting")
+    ppl = perplexity(model, tok, task.test_prompts, [r["steered"] for r in pres.records], chat=task.chat)
+    toks = [max(r.get("n_tokens", 0), 0) for r in pres.records]
+    pooled = sum(t * math.log(p) for t, p in zip(toks, ppl) if t) / max(sum(toks), 1)
+    pres.summary["perplexity"] = float(math.exp(pooled))
+    pres.summary["kl"] = None
+    rows.append(_summary_row("prompting", pres, {}))
+    log(f"prompting: success {pres.summary['success_rate']:.2f}")
+
+    # optimised vectors
+    cap = args.norm_fraction * residual_norms(model, tok, list(GENERIC_CHAT_PROMPTS if task.chat else
+                                                               GENERIC_PROMPTS)[:4], [layer], chat=task.chat)[layer]
+    variants = [("opt", {}), (f"opt+max_norm={cap:.0f}", {"max_norm": cap}), ("opt+clamp=1", {"vector_clamp": 1.0}),
+                ("opt+output_constr", {"do_output_constr": True, "max_output_constr_iters": 30})]
+    opt_norm = None
+    for name, kw in variants:
+        t0 = time.perf_counter()
+        v, info = so.optimize_vector(model, [dp], layer, tokenizer=tok, seed=0, **RECIPE, **kw)
+        build = time.perf_counter() - t0
+        vec = so.SteeringVector.from_optimization(v, info, layer, clamp=kw.get("vector_clamp"))
+        res = ev.evaluate(vec, label=name)
+        opt_norm = opt_norm or info["norm"]
+        rows.append(_summary_row(name, res, {"layer": layer, "norm": info["norm"], "train_loss": info["loss"],
+                                             "build_s": build}))
+        log(f"{name}: loss {info['loss']:.2f}, norm {info['norm']:.1f}, success {res.summary['success_rate']:.2f}, "
+            f"fluent {res.summary['fluent_success_rate']:.2f}")
+
+    # CAA from the same pair and from 16 pairs, strength tuned on the generic validation prompts
+    def text(prompt: str, completion: str) -> str:
+        return format_prompt(tok, prompt, chat=task.chat) + (completion.lstrip() if task.chat else completion)
+
+    caa_sets = {"caa1": [ContrastPair(ptxt + task.dst, ptxt + task.src)],
+                "caa16": [ContrastPair(text(p, pos), text(p, neg)) for p, pos, neg in task.pairs]}
+    for name, pairs in caa_sets.items():
+        t0 = time.perf_counter()
+        vec = train_steering_vector(model, tok, pairs, layers=[layer], read_token_index=-1)
+        tuned = so.sweep(model, tok, [dp], layers=[layer], multipliers=CAA_MULTIPLIERS,
+                         method=lambda m, t, tr, lay, _v=vec, **o: _v,
+                         validation_prompts=list(GENERIC_CHAT_PROMPTS if task.chat else GENERIC_PROMPTS)[:6],
+                         chat=task.chat, scorer=task.scorer, max_new_tokens=24, neutral_prompts=None)
+        mult = tuned.best["multiplier"]
+        build = time.perf_counter() - t0
+        res = ev.evaluate(vec, mult, label=name)
+        rows.append(_summary_row(name, res, {"layer": layer, "norm": float(vec.layer_activations[layer].norm()),
+                                             "multiplier": mult, "build_s": build,
+                                             "validation": [(r["multiplier"], r["fluent_success_rate"])
+                                                            for r in tuned.table]}))
+        log(f"{name}: norm {rows[-1]['norm']:.1f}, x{mult:g}, success {res.summary['success_rate']:.2f}, "
+            f"fluent {res.summary['fluent_success_rate']:.2f}")
+
+    # auto_steer: the one call, default signal, no scorer, nothing of the test set
+    t0 = time.perf_counter()
+    vec, report = so.auto_steer(model, tok, [dp], time_budget_s=args.auto_budget, seed=0)
+    build = time.perf_counter() - t0
+    res = ev.evaluate(vec, label="auto_steer")
+    b = report.best
+    rows.append(_summary_row("auto_steer", res, {"layer": b["layer"], "variant": b["variant"],
+                                                 "multiplier": b["multiplier"], "norm": float(
+                                                     vec.layer_activations[b["layer"]].norm()), "build_s": build,
+                                                 "notes": report.notes}))
+    log(f"auto_steer: layer {b['layer']} {b['variant']} x{b['multiplier']:g} in {build:.0f}s, "
+        f"success {res.summary['success_rate']:.2f}, fluent {res.summary['fluent_success_rate']:.2f}")
+    return {"task": task.name, "chat": task.chat, "train_prompt": task.prompt, "src": task.src, "dst": task.dst,
+            "n_test_prompts": len(task.test_prompts), "layer": layer, "time_s": time.perf_counter() - t_task,
+            "methods": rows}
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if pct:
+        return f"{100 * v:.0f}%"
+    return f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    out = []
+    for t in doc["tasks"]:
+        out.append(f"### {t['task']} ({t['n_test_prompts']} held-out prompts, layer {t['layer']}, "
+                   f"{t['time_s'] / 60:.1f} min)\n")
+        out.append("| method | success | fluent success | perplexity | KL (nats) | ‖v‖ | notes |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in t["methods"]:
+            notes = []
+            if r.get("multiplier") is not None:
+                notes.append(f"×{r['multiplier']:g}")
+            if r.get("variant"):
+                notes.append(f"layer {r['layer']}, {r['variant']}")
+            if r.get("train_loss") is not None:
+                notes.append(f"train loss {r['train_loss']:.1f}")
+            out.append(f"| {r['method']} | {_fmt(r['success_rate'], True)} | {_fmt(r['fluent_success_rate'], True)} | "
+                       f"{_fmt(r['perplexity'])} | {_fmt(r['kl'])} | {_fmt(r.get('norm'))} | {', '.join(notes)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default="all", help="comma-separated task names (default: all)")
+    ap.add_argument("--layer", type=int, default=6)
+    ap.add_argument("--norm-fraction", type=float, default=0.25)
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--auto-budget", type=float, default=150.0, help="auto_steer time budget (s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
+    ap.add_argument("--out", default=str(ROOT / "quality.json"))
+    ap.add_argument("--no-markdown", action="store_true", help="do not rewrite the table in RESULTS.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [t.name for t in quality_tasks.TASKS]
+    wanted = names if args.tasks == "all" else [x.strip() for x in args.tasks.split(",")]
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        ap.error(f"unknown task(s) {unknown}; known: {names}")
+    model, tok = so.load_model()
+    start = time.perf_counter()
+    doc: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (embedded, float32, CPU)", "threads": args.threads,
+                           "machine": platform.platform(), "torch": torch.__version__, "args": vars(args),
+                           "tasks": []}
+    for task in quality_tasks.TASKS:
+        if task.name in wanted:
+            doc["tasks"].append(run_task(model, tok, task, args))
+            Path(args.out).write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    doc["time_s"] = time.perf_counter() - start
+    Path(args.out).write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    table = markdown(doc)
+    print(table)
+    if not args.no_markdown:
+        path = ROOT / "RESULTS.md"
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        begin, end = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+        block = f"{begin}\n{table}\n{end}"
+        if begin in text and end in text:
+            text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+        else:
+            text = text + ("\n" if text else "") + block + "\n"
+        path.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
