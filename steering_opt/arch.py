@@ -39,6 +39,8 @@ __all__ = [
     "ArchSpec",
     "ArchitectureError",
     "BlockList",
+    "check_context_length",
+    "context_length",
     "LayerConfig",
     "PER_LAYER_CONFIG_ATTRS",
     "SITES",
@@ -159,6 +161,7 @@ _FALLBACK_SITE_CANDIDATES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _HIDDEN_SIZE_ATTRS = ("hidden_size", "n_embd", "d_model")
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
 @dataclass(frozen=True)
@@ -330,6 +333,21 @@ def hidden_size(model: nn.Module) -> int:
         f"Cannot determine the hidden size of {type(model).__name__}: no config.hidden_size/n_embd/d_model "
         "and no input embedding matrix."
     )
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest token sequence the model accepts (``config.max_position_embeddings`` / ``n_positions``
+    / ``max_sequence_length``), or ``None`` if the config does not say."""
+    return _config_int(_text_config(model), _CONTEXT_ATTRS)
+
+
+def check_context_length(model: nn.Module, n_tokens: int, what: str) -> None:
+    """Raise ``ValueError`` (before any forward pass) if ``what`` (``n_tokens`` long) does not fit the
+    model's context; positions past it would crash inside the model (learned position embeddings) or
+    silently extrapolate (rotary ones)."""
+    n = context_length(model)
+    if n is not None and n_tokens > n:
+        raise ValueError(f"{what} is {n_tokens} tokens, longer than the model's context ({n} tokens)")
 
 
 def resolve_layer(model: nn.Module, layer: int, *, name: str = "layer") -> int:
