@@ -13,6 +13,9 @@ one token if tokenised together.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -54,9 +57,13 @@ class TrainingDatapoint:
             raise ValueError("TrainingDatapoint: `prompt` is empty; expected a non-empty string")
         for name in ("src_completions", "dst_completions"):
             value = getattr(self, name)
+            if value is None:
+                value = []
             if isinstance(value, str):
                 raise TypeError(f"TrainingDatapoint: `{name}` must be a list of strings, got a single str "
                                 f"({value[:30]!r}); wrap it in a list")
+            if isinstance(value, (bytes, dict)) or not isinstance(value, Iterable):
+                raise TypeError(f"TrainingDatapoint: `{name}` must be a list of strings, got {type(value).__name__}")
             value = list(value)
             for i, c in enumerate(value):
                 if not isinstance(c, str):
@@ -71,11 +78,27 @@ class TrainingDatapoint:
                             ("dst_completions_target_losses", self.dst_completions)):
             value = getattr(self, name)
             if value is not None:
+                if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+                    raise TypeError(f"TrainingDatapoint: `{name}` must be a list of numbers (nats), one per "
+                                    f"completion, got {type(value).__name__} {value!r:.40}")
+                value = list(value)
+                for i, x in enumerate(value):
+                    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+                        raise TypeError(f"TrainingDatapoint: `{name}[{i}]` must be a number (nats), got {x!r:.40}")
+                    try:
+                        if math.isnan(float(x)):
+                            raise OverflowError
+                    except OverflowError:
+                        raise ValueError(f"TrainingDatapoint: `{name}[{i}]` must be a number (nats) that is not "
+                                         f"NaN and fits a float, got {x!r:.40}") from None
                 value = [float(x) for x in value]
                 if len(value) != len(comps):
                     raise ValueError(f"TrainingDatapoint: `{name}` has {len(value)} entries but there are "
                                      f"{len(comps)} completions")
                 setattr(self, name, value)
+        if not isinstance(self.is_negative, (bool, numbers.Integral)) or self.is_negative not in (0, 1):
+            raise TypeError(f"TrainingDatapoint: `is_negative` must be a bool, got {self.is_negative!r:.40}")
+        self.is_negative = bool(self.is_negative)
         tok = self.token
         if tok is not None and not isinstance(tok, slice):
             if isinstance(tok, bool) or not (isinstance(tok, int) or
