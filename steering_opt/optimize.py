@@ -104,6 +104,46 @@ def _check_positive(name: str, value: Any, *, allow_none: bool = True, allow_zer
                          f"got {value!r}")
 
 
+MAX_LR = 1e30  # Adam's first step is up to 10x lr: beyond ~3e37 it overflows float32 inside torch
+
+
+def _check_lr(name: str, value: Any, *, allow_none: bool = False) -> None:
+    _check_positive(name, value, allow_none=allow_none)
+    if value is not None and value > MAX_LR:
+        raise ValueError(f"`{name}` must be at most {MAX_LR:g} (Adam's steps would overflow float32), got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_target(target_loss: Any) -> None:
+    if target_loss is not None and (isinstance(target_loss, bool) or not isinstance(target_loss, (int, float))
+                                    or math.isnan(target_loss)):
+        raise ValueError(f"`target_loss` must be a number (nats) or None, got {target_loss!r}")
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a HuggingFace causal LM (a torch.nn.Module), got {type(model).__name__}")
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    if tokenizer is None:
+        raise ValueError("`tokenizer` is required: pass the model's HuggingFace tokenizer (tokenizer=...)")
+    if not callable(tokenizer):
+        raise TypeError(f"`tokenizer` must be the model's HuggingFace tokenizer (callable), got "
+                        f"{type(tokenizer).__name__} {tokenizer!r:.60}")
+
+
+def _check_engine(engine: Any) -> None:
+    if engine not in ("fast", "reference"):
+        raise ValueError(f"`engine` must be 'fast' or 'reference', got {engine!r}")
+
+
 def _check_datapoints(datapoints: Any) -> list[TrainingDatapoint]:
     if isinstance(datapoints, TrainingDatapoint):
         datapoints = [datapoints]
@@ -126,24 +166,26 @@ def _check_layers(model: nn.Module, layer: Any, name: str) -> list[int]:
 
 
 def _context_length(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        val = getattr(cfg, attr, None)
-        if isinstance(val, int) and val > 0:
-            return val
-    return None
+    return arch.context_length(model)
+
+
+def _check_vec(starting_vec: Any, d: int, name: str = "starting_vec") -> None:
+    if not isinstance(starting_vec, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(starting_vec).__name__}")
+    if tuple(starting_vec.shape) != (d,):
+        raise ValueError(f"`{name}` must have shape ({d},) (the model's hidden size), "
+                         f"got {tuple(starting_vec.shape)}")
+    if starting_vec.is_meta or starting_vec.is_complex():
+        raise ValueError(f"`{name}` must be a real-valued tensor with data, got a {starting_vec.dtype} tensor "
+                         f"on {starting_vec.device}")
+    if not bool(torch.isfinite(starting_vec).all()):
+        raise ValueError(f"`{name}` contains NaN or infinite values")
 
 
 def _init_vector(d: int, starting_norm: float, starting_vec: torch.Tensor | None, gen: torch.Generator,
                  device: torch.device, name: str = "starting_vec") -> torch.Tensor:
     if starting_vec is not None:
-        if not isinstance(starting_vec, torch.Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(starting_vec).__name__}")
-        if tuple(starting_vec.shape) != (d,):
-            raise ValueError(f"`{name}` must have shape ({d},) (the model's hidden size), "
-                             f"got {tuple(starting_vec.shape)}")
-        if not bool(torch.isfinite(starting_vec).all()):
-            raise ValueError(f"`{name}` contains NaN or infinite values")
+        _check_vec(starting_vec, d, name)
         v = starting_vec.detach().float().clone()
     else:
         v = torch.randn(d, generator=gen)
@@ -211,7 +253,7 @@ def _run_loop(
     hits, steps, prev = 0, 0, None
     last_good = params.snapshot()
     status = "max_iters"
-    losses = torch.zeros(len(seqs))
+    losses = torch.full((len(seqs),), math.nan)  # no finite evaluation yet: never report a made-up loss
     bar = tqdm(total=cap, desc=desc, disable=not _show_progress(progress), leave=False)
     try:
         while True:
@@ -550,20 +592,26 @@ def optimize_vector(
         output-constrained phase ``output_constr_iters``, ``constraints_satisfied``,
         ``norm_before_output_constr``.
     """
+    _check_model(model)
     datapoints = _check_datapoints(datapoints)
     layers = _check_layers(model, layer, "layer")
-    if tokenizer is None:
-        raise ValueError("`tokenizer` is required: pass the model's HuggingFace tokenizer (tokenizer=...)")
-    _check_positive("lr", lr, allow_none=False)
+    _check_tokenizer(tokenizer)
+    _check_lr("lr", lr)
+    _check_positive("eps", eps, allow_none=False, allow_zero=True)
+    _check_target(target_loss)
+    _check_positive("starting_affine_norm", starting_affine_norm, allow_none=False)
+    _check_positive("output_constr_damping", output_constr_damping, allow_none=False, allow_zero=True)
+    _check_int("max_output_constr_iters", max_output_constr_iters, 0, allow_none=True)
+    _check_int("output_constr_patience", output_constr_patience, 1)
+    _check_int("max_batch_tokens", max_batch_tokens, 1)
     _check_positive("coldness", coldness, allow_none=False)
     _check_positive("max_norm", max_norm)
     _check_positive("starting_norm", starting_norm, allow_none=False)
     _check_positive("noise_scale", noise_scale, allow_zero=True)
-    _check_positive("output_constr_lr", output_constr_lr)
+    _check_lr("output_constr_lr", output_constr_lr, allow_none=True)
     if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0):
         raise ValueError(f"`max_iters` must be a non-negative int or None, got {max_iters!r}")
-    if not isinstance(target_loss_target_iters, int) or target_loss_target_iters < 1:
-        raise ValueError(f"`target_loss_target_iters` must be an int >= 1, got {target_loss_target_iters!r}")
+    _check_int("target_loss_target_iters", target_loss_target_iters, 1)
     if vector_clamp is not None and not (isinstance(vector_clamp, (int, float)) and math.isfinite(vector_clamp)):
         raise ValueError(f"`vector_clamp` must be a finite number, got {vector_clamp!r}")
     d = arch.hidden_size(model)
@@ -573,10 +621,11 @@ def optimize_vector(
         if vector_clamp is not None:
             raise ValueError("`vector_clamp` and `affine_rank` cannot be combined")
     _check_positive("max_affine_norm", max_affine_norm)
+    if starting_vec is not None:
+        _check_vec(starting_vec, d)
     if starting_vec is not None and vector_clamp is not None and float(starting_vec.norm()) == 0:
         raise ValueError("`vector_clamp` needs a non-zero `starting_vec` (got a zero vector)")
-    if engine not in ("fast", "reference"):
-        raise ValueError(f"`engine` must be 'fast' or 'reference', got {engine!r}")
+    _check_engine(engine)
 
     seqs = tokenize_datapoints(tokenizer, datapoints, only_hook_prompt=only_hook_prompt,
                                target_loss=None if do_target_loss_sum else target_loss,
@@ -674,11 +723,18 @@ def optimize_vectors(
         ``({layer: vector (d,)}, info)`` with ``info['norms'][layer]``, ``iters``, ``loss`` (the
         completion loss without regularisers), ``loss_history``, ``status``.
     """
+    _check_model(model)
     datapoints = _check_datapoints(datapoints)
     layer_list = _check_layers(model, layers, "layers")
-    if tokenizer is None:
-        raise ValueError("`tokenizer` is required: pass the model's HuggingFace tokenizer (tokenizer=...)")
-    _check_positive("lr", lr, allow_none=False)
+    _check_tokenizer(tokenizer)
+    _check_lr("lr", lr)
+    _check_positive("eps", eps, allow_none=False, allow_zero=True)
+    _check_positive("coldness", coldness, allow_none=False)
+    _check_positive("starting_norm", starting_norm, allow_none=False)
+    _check_target(target_loss)
+    _check_int("target_loss_target_iters", target_loss_target_iters, 1)
+    _check_int("max_batch_tokens", max_batch_tokens, 1)
+    _check_engine(engine)
     _check_positive("max_norm", max_norm)
     for name, val in (("regularization_weight", regularization_weight), ("sparsity_weight", sparsity_weight),
                       ("entropy_weight", entropy_weight)):
@@ -771,12 +827,22 @@ def optimize_vector_minibatch_hf(
 
     Returns ``(vector, info)`` (or ``(vector, matrix, info)`` with ``affine_rank``).
     """
-    if isinstance(prompts, str) or not prompts:
-        raise ValueError("`prompts` must be a non-empty list of strings")
-    if not isinstance(minibatch_size, int) or minibatch_size < 1:
-        raise ValueError(f"`minibatch_size` must be an int >= 1, got {minibatch_size!r}")
-    dps = [TrainingDatapoint(p, src_completions=list(src_completions or []),
-                             dst_completions=list(dst_completions or [])) for p in prompts]
+    _check_model(model)
+    _check_tokenizer(tokenizer)
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"`prompts` must be a non-empty list of strings, got {prompts!r:.60}")
+    _check_int("minibatch_size", minibatch_size, 1)
+    for name, comps in (("src_completions", src_completions), ("dst_completions", dst_completions)):
+        if isinstance(comps, str):
+            raise TypeError(f"`{name}` must be a list of strings, got a single str ({comps[:30]!r}); wrap it in a list")
+    dps = []
+    for i, p in enumerate(prompts):
+        try:
+            dps.append(TrainingDatapoint(p, src_completions=list(src_completions or []),
+                                         dst_completions=list(dst_completions or [])))
+        except (TypeError, ValueError) as e:
+            msg = str(e).removeprefix("TrainingDatapoint: ").replace("`prompt`", f"`prompts[{i}]`")
+            raise type(e)(msg) from None
     per_dp = len(dps[0].src_completions) + len(dps[0].dst_completions)
     batches = [list(range(i, min(i + minibatch_size, len(dps)))) for i in range(0, len(dps), minibatch_size)]
     seq_batches = [[d * per_dp + k for d in b for k in range(per_dp)] for b in batches]
@@ -800,7 +866,18 @@ def _optimize_with_subsets(model: nn.Module, tokenizer: Any, dps: list[TrainingD
                            normalize_token_length: bool, seed: int | None, engine: str, progress: bool,
                            distributed: Any = False) -> Any:
     layers = _check_layers(model, layer, "layer")
-    _check_positive("lr", lr, allow_none=False)
+    _check_lr("lr", lr)
+    _check_positive("eps", eps, allow_none=False, allow_zero=True)
+    _check_positive("coldness", coldness, allow_none=False)
+    _check_positive("starting_norm", starting_norm, allow_none=False)
+    _check_positive("max_affine_norm", max_affine_norm)
+    _check_target(target_loss)
+    _check_int("max_iters", max_iters, 0, allow_none=True)
+    _check_int("target_loss_target_iters", target_loss_target_iters, 1)
+    _check_engine(engine)
+    if vector_clamp is not None and (isinstance(vector_clamp, bool) or not isinstance(vector_clamp, (int, float))
+                                     or not math.isfinite(vector_clamp)):
+        raise ValueError(f"`vector_clamp` must be a finite number, got {vector_clamp!r}")
     _check_positive("max_norm", max_norm)
     d = arch.hidden_size(model)
     if affine_rank is not None and (not isinstance(affine_rank, int) or not 1 <= affine_rank <= d):
