@@ -46,6 +46,7 @@ from .optimize import (
     _base_info,
     _check_datapoints,
     _check_layers,
+    _check_lr,
     _check_positive,
     _context_length,
     _init_vector,
@@ -173,7 +174,7 @@ def _check_job(model: nn.Module, i: int, job: Any, d: int) -> list[int]:
     try:
         _check_datapoints(job.datapoints)
         layers = _check_layers(model, job.layer, "layer")
-        _check_positive("lr", job.lr, allow_none=False)
+        _check_lr("lr", job.lr)
         _check_positive("coldness", job.coldness, allow_none=False)
         _check_positive("max_norm", job.max_norm)
         _check_positive("starting_norm", job.starting_norm, allow_none=False)
@@ -247,7 +248,7 @@ class _JobState:
         self.history: list[float] = []
         self.hits, self.steps, self.prev = 0, 0, None
         self.status = "max_iters"
-        self.losses = torch.zeros(len(seqs))
+        self.losses = torch.full((len(seqs),), math.nan)  # no finite evaluation yet: never report a made-up loss
         self.done = False
         self.final_eval = False
         self.opt: torch.optim.Optimizer | None = None
