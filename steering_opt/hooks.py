@@ -16,7 +16,8 @@ a KV cache (and, with left padding, positions count from the first real token).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -159,6 +160,7 @@ def make_steering_hook_hf(
         A function ``hook(module, args, kwargs)`` to register with ``register_forward_pre_hook(...,
         with_kwargs=True)``; :func:`hf_hooks_contextmanager` does that for you.
     """
+    _check_hook_args(vector, matrix, clamp)
     left = right = dense = None
     if isinstance(matrix, tuple):
         left, right = matrix
@@ -183,6 +185,43 @@ def make_steering_hook_hf(
 
     hook_fn.steering_vector = vector  # type: ignore[attr-defined]
     return hook_fn
+
+
+def _check_finite(name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor) or t.is_meta or not t.is_floating_point():
+        what = f"a {t.dtype} tensor on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"`{name}` must be a floating-point torch.Tensor with data, got {what}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"`{name}` contains NaN or infinite values")
+
+
+def _check_hook_args(vector: Any, matrix: Any, clamp: Any) -> None:
+    """Validate make_steering_hook_hf's arguments when the hook is made, not in the middle of a forward."""
+    _check_finite("vector", vector)
+    if vector.dim() != 1:
+        raise ValueError(f"`vector` must have shape (d,), got {tuple(vector.shape)}")
+    d = vector.shape[0]
+    if isinstance(matrix, tuple):
+        if len(matrix) != 2:
+            raise ValueError(f"`matrix` as factors must be a (left, right) pair, got {len(matrix)} items")
+        for name, t in zip(("matrix[0] (left)", "matrix[1] (right)"), matrix):
+            _check_finite(name, t)
+            if t.dim() != 2 or t.shape[1] != d:
+                raise ValueError(f"`{name}` must have shape (r, {d}), got {tuple(t.shape)}")
+        if matrix[0].shape != matrix[1].shape:
+            raise ValueError(f"`matrix` factors must have the same shape (r, {d}), got {tuple(matrix[0].shape)} and "
+                             f"{tuple(matrix[1].shape)}")
+    elif matrix is not None:
+        _check_finite("matrix", matrix)
+        if tuple(matrix.shape) != (d, d):
+            raise ValueError(f"`matrix` must have shape ({d}, {d}) (or be a (left, right) pair of (r, {d}) factors), "
+                             f"got {tuple(matrix.shape)}")
+    if clamp is not None:
+        if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not math.isfinite(clamp):
+            raise ValueError(f"`clamp` must be a finite number or None, got {clamp!r}")
+        if not bool(vector.detach().abs().sum() > 0):
+            raise ValueError("`clamp` steering needs a non-zero `vector` (its direction v/|v| is undefined for "
+                             "a zero vector)")
 
 
 def make_abl_mat(vector: torch.Tensor) -> torch.Tensor:
@@ -212,10 +251,19 @@ def hf_hooks_contextmanager(
     are registered with ``with_kwargs=True``; plain ``hook(module, args)`` hooks (reference-library
     style, returning the new hidden states) are also accepted.
     """
+    if isinstance(hook_infos, (str, bytes)) or not isinstance(hook_infos, Iterable):
+        raise TypeError(f"`hook_infos` must be a list of (layer, hook) pairs, got {type(hook_infos).__name__}")
+    hook_infos = list(hook_infos)
+    for i, item in enumerate(hook_infos):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"`hook_infos[{i}]` must be a (layer, hook) pair, got {item!r:.60}")
+        if not callable(item[1]):
+            raise TypeError(f"`hook_infos[{i}]`: the hook must be callable, got {type(item[1]).__name__}")
+    # locate every module before registering anything: a bad layer registers nothing
+    modules = [arch.get_site_module(model, layer, site, layer_config) for layer, _ in hook_infos]
     handles = []
     try:
-        for layer, fn in hook_infos:
-            module = arch.get_site_module(model, layer, site, layer_config)
+        for module, (_, fn) in zip(modules, hook_infos):
             handles.append(_register_pre_hook(module, fn))
         yield
     finally:
