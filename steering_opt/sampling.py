@@ -6,6 +6,7 @@ measure the steered model when called under steering.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,19 @@ def _tokens(model: nn.Module, tokenizer: Any, text: str, *, special: bool) -> li
     if hasattr(model, "to_tokens"):  # TransformerLens HookedTransformer
         return model.to_tokens(text, prepend_bos=special)[0].tolist()
     raise ValueError("`tokenizer` is required for HuggingFace models (pass tokenizer=...)")
+
+
+def _check_text(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a str, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"`{name}` is an empty string; expected some text")
+
+
+def _check_coldness(coldness: Any) -> None:
+    if isinstance(coldness, bool) or not isinstance(coldness, (int, float)) or not math.isfinite(coldness) \
+            or coldness <= 0:
+        raise ValueError(f"`coldness` must be a positive finite number, got {coldness!r}")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -59,10 +73,19 @@ def get_completion_logprob(
     """
     if temperature is not None:  # the reference library's name for the same multiplier
         coldness = temperature
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    _check_text("prompt", prompt)
+    _check_text("completion", completion)
+    _check_coldness(coldness)
     p_ids = _tokens(model, tokenizer, prompt, special=True)
     c_ids = _tokens(model, tokenizer, completion, special=False)
+    if not p_ids:
+        raise ValueError(f"`prompt` {prompt[:30]!r} tokenises to zero tokens")
     if not c_ids:
         raise ValueError("`completion` tokenises to zero tokens")
+    if hasattr(model, "config"):
+        arch.check_context_length(model, len(p_ids) + len(c_ids), "`prompt` + `completion`")
     ids = torch.tensor([p_ids + c_ids], device=_device(model))
     logits = _logits(model, ids)[0, len(p_ids) - 1: -1]
     lp = torch.log_softmax(logits.float() * coldness, dim=-1).gather(
@@ -110,9 +133,22 @@ def sample_most_likely_completions_hf(
         raise ValueError(f"`k` must be an int >= 1, got {k!r}")
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"`iters` must be an int >= 0, got {iters!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError(f"`tokenizer` must be the model's HuggingFace tokenizer, got {type(tokenizer).__name__}")
+    _check_text("dst_prompt", dst_prompt)
+    if src_prompt is not None:
+        _check_text("src_prompt", src_prompt)
+    _check_coldness(coldness)
     dev = _device(model)
     dst = _encode(tokenizer, dst_prompt, special=True)
     src = _encode(tokenizer, src_prompt, special=True) if src_prompt is not None else None
+    for name, ids in (("dst_prompt", dst), ("src_prompt", src)):
+        if ids is not None:
+            if not ids:
+                raise ValueError(f"`{name}` tokenises to zero tokens")
+            arch.check_context_length(model, len(ids) + iters + 1, f"`{name}` + {iters + 1} sampled tokens")
     beams: list[list[int]] = [[]]
     beam_probs: list[list[float]] = [[]]
 
