@@ -209,6 +209,16 @@ class SteeringVector:
         return load_vector(path, model=model, allow_mismatch=allow_mismatch, device=device)
 
     # ------------------------------------------------------------------ application
+    def check_values(self) -> None:
+        """Raise ``ValueError`` if a tensor holds NaN/inf, or a clamp vector is zero (its direction is
+        undefined): checked before any hook is registered, so steering never fails mid-forward."""
+        for layer, v in self.layer_activations.items():
+            factors = self.affine.get(layer, ()) if self.affine else ()
+            if not all(bool(torch.isfinite(t).all()) for t in (v, *factors)):
+                raise ValueError(f"this steering vector's layer {layer} contains NaN or infinite values")
+            if self.clamp is not None and not bool(v.abs().sum() > 0):
+                raise ValueError(f"clamp steering needs a non-zero vector, but layer {layer}'s vector is zero")
+
     def patch(self, model: nn.Module, multiplier: Multiplier = 1.0, min_token_index: int = 0,
               token_indices: TokenIndices = None, operator: Operator | None = None,
               layer_config: SiteConfig = None, *, injection_mode: str = "all") -> _Handle:
@@ -224,6 +234,7 @@ class SteeringVector:
                              f"{arch.model_fingerprint(model).get('name_or_path') or type(model).__name__} "
                              f"has {arch.hidden_size(model)}")
         _check_multiplier(multiplier)
+        self.check_values()
         if self.clamp is not None and not callable(multiplier) and multiplier == 0:
             raise ValueError("`multiplier` must be non-zero for a clamp steering vector (its direction is v/|v|)")
         selection = TokenSelection(min_token_index, token_indices, injection_mode)
