@@ -169,6 +169,10 @@ def _check_steering(model: nn.Module, steering: Any) -> None:
     for vec, _ in vectors:
         if vec.hidden_size != d:
             raise ValueError(f"`steering`: a vector has hidden size {vec.hidden_size}, the model has {d}")
+        try:
+            vec.check_values()
+        except ValueError as e:
+            raise ValueError(f"`steering`: {e}") from None
         for layer in vec.layers:
             arch.resolve_layer(model, layer, name="steering layer")
     for layer, _ in hooks:
@@ -279,6 +283,7 @@ def _generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],
     """Generated token ids after each prompt (KV cache, left padding, cut before the first EOS)."""
     from transformers import GenerationConfig
 
+    arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
     pad = _pad_id(tokenizer, model)
     eos = _eos_ids(tokenizer, model)
     dev = arch.input_device(model)
@@ -316,6 +321,8 @@ def _token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int
                     batch_size: int, max_batch_tokens: int = 2048) -> list[torch.Tensor]:
     """``log p(y_t | x, y_<t)`` (float32, nats) of every completion token, one tensor per
     (prompt ids, completion ids) pair; right padding; logits only at the completion positions."""
+    arch.check_context_length(model, max((len(p) + len(c) for p, c in pairs), default=0),
+                              "a prompt + completion")
     pad = _pad_id(tokenizer, model)
     dev = arch.input_device(model)
     out: list[torch.Tensor] = [torch.zeros(0) for _ in pairs]
@@ -344,6 +351,7 @@ def _next_token_logprobs(model: nn.Module, tokenizer: Any, prompt_ids: list[list
                          batch_size: int) -> list[torch.Tensor]:
     """Log-softmax next-token distributions ``(n_positions, vocab)`` (float32) of each prompt, at every
     position (``positions="all"``) or the last one (``"last"``)."""
+    arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
     pad = _pad_id(tokenizer, model)
     dev = arch.input_device(model)
     out: list[torch.Tensor] = [torch.zeros(0) for _ in prompt_ids]
@@ -648,6 +656,9 @@ class Evaluator:
         self.neutral_ids = _encode_prompts(tokenizer, self.neutral, self.chat) if self.neutral else []
         self.promote_ids = [_encode(tokenizer, c, special=False) for c in self.promote]
         self.suppress_ids = [_encode(tokenizer, c, special=False) for c in self.suppress]
+        longest_c = max(map(len, self.promote_ids + self.suppress_ids), default=0)  # refuse before any forward
+        arch.check_context_length(model, max(map(len, self.prompt_ids + self.neutral_ids)) + longest_c,
+                                  "a prompt (+ completion)")
         self._base: dict[str, Any] | None = None
 
     # --------------------------------------------------------------------------- measurements
