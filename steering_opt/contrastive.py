@@ -389,6 +389,7 @@ def extract_activations(
         for side, text in (("positive", pos_text), ("negative", neg_text)):
             where = f"training_samples[{i}] ({side})"
             ids, rendered = tokenize_text(tokenizer, text, where=where)
+            arch.check_context_length(model, len(ids), where)
             seqs.append((ids, _read_index(read_token_index, rendered, len(ids), where)))
 
     pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))

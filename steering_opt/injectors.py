@@ -390,6 +390,8 @@ def generate_with_steering(
     prompts = list(prompt) if batched else [prompt]  # type: ignore[list-item]
     encoded = [tokenize_text(tokenizer, p, where=f"prompt[{i}]" if batched else "prompt")[0]
                for i, p in enumerate(prompts)]
+    for i, e in enumerate(encoded):
+        arch.check_context_length(model, len(e), f"prompt[{i}]" if batched else "prompt")
     vecs = [] if steering is None else as_steering_vectors(steering, layer, name="steering")
     _check_number(multiplier, "multiplier")
     width = max(len(e) for e in encoded)
