@@ -176,6 +176,16 @@ print({layer: round(n, 2) for layer, n in loss_info["norms"].items()})"""),
 `info['loss_history']` holds the loss at every evaluation."""),
     ("code", """vector, loss_info = steering_opt.optimize_vector(model, [datapoint], layer, tokenizer=tokenizer, max_iters=30, lr=0.1, seed=0)
 print([round(x, 1) for x in loss_info["loss_history"]])"""),
+    ("code", """# Evaluation: does the last vector work on prompts it never saw, and is the text still fluent?
+# (steered vs unsteered greedy generations, Spanish detected by py3langid, distinct-2 and real Spanish words,
+#  the Spanish completion's log-prob gain over the English one, KL on neutral prompts; see notebooks/evaluation.ipynb)
+result = steering_opt.evaluate(
+    model, tokenizer, steering_opt.SteeringVector.from_optimization(vector, loss_info, layer),
+    ["My favorite sports are", "Here is how I like to spend my weekends:", "The weather today is"],
+    scorer="language:es", promote=[es_completion], suppress=[en_completion], max_new_tokens=24,
+)
+print(result)
+print(result.show(width=90))"""),
 ]
 
 
