@@ -467,14 +467,23 @@ def _save_set(vectors: Mapping[str, SteeringVector], path: Path, *, model: nn.Mo
 # ------------------------------------------------------------------------------------------------ load
 
 
+def _parse_json(text: str, where: str) -> Any:
+    """``json.loads`` whose every failure is a :class:`SteeringFileError` naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SteeringFileError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg} "
+                                "(truncated or corrupted?)") from None
+    except (ValueError, RecursionError) as exc:  # integers over Python's digit limit, absurd nesting
+        raise SteeringFileError(f"{where}: unreadable JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise SteeringFileError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    except json.JSONDecodeError as exc:
-        raise SteeringFileError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg} "
-                                "(truncated or corrupted?)") from None
+    return _parse_json(text, str(path))
 
 
 def _check_doc(doc: Any, where: str) -> dict[str, Any]:
@@ -538,7 +547,7 @@ def _vector_from(doc: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
             raise SteeringFileError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, the metadata says "
                                     f"{shape} (hidden_size {d}{f', affine_rank {rank}' if kind == 'affine' else ''})")
         info = declared.get(name)
-        if not isinstance(info, dict) or list(info.get("shape", [])) != list(shape):
+        if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or info["shape"] != list(shape):
             raise SteeringFileError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, the metadata's tensor "
                                     f"table says {info.get('shape') if isinstance(info, dict) else None}")
         if _dtype_name(t.dtype) not in _FLOAT_DTYPES:
@@ -551,7 +560,8 @@ def _vector_from(doc: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
             raise SteeringFileError(f"{where}: tensor {name!r} contains NaN or infinite values")
     clamp = doc.get("clamp")
     if kind == "clamp":
-        if not isinstance(clamp, (int, float)) or isinstance(clamp, bool) or not math.isfinite(clamp):
+        if not isinstance(clamp, (int, float)) or isinstance(clamp, bool) or abs(clamp) > 1e300 \
+                or not math.isfinite(clamp):
             raise SteeringFileError(f"{where}: clamp vector without a finite 'clamp' coefficient ({clamp!r})")
     elif clamp is not None:
         raise SteeringFileError(f"{where}: kind {kind!r} but a clamp coefficient is set")
@@ -588,10 +598,7 @@ def _load_single_file(path: Path, device: str | torch.device) -> SteeringVector:
     if raw is None:
         raise SteeringFileError(f"{path}: a safetensors file without steering_opt metadata (no {HEADER_KEY!r} "
                                 "key in its header); it was not written by steering_opt.save")
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise SteeringFileError(f"{path}: the metadata in the header is not valid JSON ({exc.msg})") from None
+    doc = _parse_json(raw, f"{path}: the metadata in the header")
     return _vector_from(_check_doc(doc, str(path)), tensors, str(path))
 
 
@@ -607,7 +614,11 @@ def _load_set(folder: Path, device: str | torch.device) -> dict[str, SteeringVec
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or \
                 not isinstance(entry.get("path"), str):
             raise SteeringFileError(f"{folder / SET_FILE}: bad entry {entry!r}")
-        sub = (folder / entry["path"]).resolve()
+        name = entry["path"]
+        if not name or len(name) > 255 or any(c in name for c in "\x00/\\") or name in (".", ".."):
+            raise SteeringFileError(f"{folder / SET_FILE}: entry {entry['name']!r} has an invalid folder name "
+                                    f"{name[:80]!r}")
+        sub = (folder / name).resolve()
         if sub.parent != folder.resolve():  # never follow a manifest outside the set folder
             raise SteeringFileError(f"{folder / SET_FILE}: entry {entry['name']!r} points outside the folder")
         out[entry["name"]] = _load_vector_folder(sub, device)
@@ -698,13 +709,19 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if path.is_dir():
         for name in (SET_FILE, VECTOR_FILE):
             if (path / name).is_file():
-                return _read_json(path / name)
+                doc = _read_json(path / name)
+                if not isinstance(doc, dict):
+                    raise SteeringFileError(f"{path / name}: expected a JSON object, found {type(doc).__name__}")
+                return doc
         raise SteeringFileError(f"{path}: not a steering_opt save (no {VECTOR_FILE} or {SET_FILE})")
     if path.is_file() and path.suffix == ".safetensors":
         _, header = _load_safetensors(path, "cpu")
         if HEADER_KEY not in header:
             raise SteeringFileError(f"{path}: no steering_opt metadata in the safetensors header")
-        return json.loads(header[HEADER_KEY])
+        doc = _parse_json(header[HEADER_KEY], f"{path}: the metadata in the header")
+        if not isinstance(doc, dict):
+            raise SteeringFileError(f"{path}: the header metadata is not a JSON object")
+        return doc
     if not path.exists():
         raise FileNotFoundError(f"no steering vector at {str(path)!r} (no such file or folder)")
     raise SteeringFileError(f"{path}: not a steering_opt save")
@@ -800,7 +817,7 @@ def _legacy_one(meta_path: Path, pt_path: Path) -> tuple[int, torch.Tensor, dict
         raise FileNotFoundError(f"{pt_path}: the tensor file of {meta_path} is missing")
     t = _torch_load_tensor(pt_path)
     shape = doc.get("vector_shape")
-    if shape is not None and list(t.shape) != list(shape):
+    if shape is not None and (not isinstance(shape, list) or list(t.shape) != shape):
         raise SteeringFileError(f"{pt_path}: tensor shape {list(t.shape)} does not match vector_shape {shape} "
                                 f"in {meta_path.name}")
     if t.dim() == 2 and t.shape[0] == 1:
@@ -1058,7 +1075,7 @@ def import_tensors(path: str | os.PathLike[str]) -> SteeringVector:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise SteeringFileError(f"{path}: not a readable .npz file of arrays ({first})") from None
         for key, arr in arrays.items():
-            m = re.fullmatch(r"layer_(-?\d+)", key)
+            m = re.fullmatch(r"layer_(-?\d{1,9})", key)
             if m is None:
                 raise SteeringFileError(f"{path}: unexpected array {key!r} (expected layer_<L>)")
             acts[int(m.group(1))] = torch.from_numpy(arr)
@@ -1086,10 +1103,10 @@ def import_tensors(path: str | os.PathLike[str]) -> SteeringVector:
                                     f"{tuple(t.shape)} {t.dtype}")
         if not bool(torch.isfinite(t).all()):
             raise SteeringFileError(f"{path}: layer {layer} contains NaN or infinite values")
-    if len({int(t.shape[0]) for t in acts.values()}) != 1:
-        raise SteeringFileError(f"{path}: the layers' vectors have different sizes")
     if not acts:
         raise SteeringFileError(f"{path}: no layer tensors")
+    if len({int(t.shape[0]) for t in acts.values()}) != 1:
+        raise SteeringFileError(f"{path}: the layers' vectors have different sizes")
     d = int(next(iter(acts.values())).shape[0])
     return SteeringVector(layer_activations={k: acts[k].clone() for k in sorted(acts)}, layer_type="decoder_block",
                           metadata={"method": "import_tensors", "imported_from": path.name,
