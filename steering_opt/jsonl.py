@@ -94,9 +94,12 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
             if not text.strip():
                 continue
             try:
-                yield number, json.loads(text)
+                obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise JSONLError(f"invalid JSON at column {exc.colno}: {exc.msg}", str(p), number) from None
+            except (ValueError, RecursionError) as exc:  # integers over Python's digit limit, absurd nesting
+                raise JSONLError(f"unreadable JSON ({type(exc).__name__}: {str(exc)[:100]})", str(p), number) from None
+            yield number, obj
 
 
 def _check_keys(obj: Any, allowed: tuple[str, ...], required: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -137,7 +140,10 @@ def _number_list(obj: dict[str, Any], key: str) -> list[float] | None:
     if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                               for x in value):
         raise ValueError(f"{key!r} must be a list of numbers (nats), got {json.dumps(value)[:80]}")
-    return [float(x) for x in value]
+    try:
+        return [float(x) for x in value]
+    except OverflowError:
+        raise ValueError(f"{key!r} holds a number too large for a float") from None
 
 
 def _token(value: Any) -> int | slice | list[int] | None:
