@@ -35,6 +35,7 @@ from .optimize import make_melbo_loss_funcs, optimize_vector, optimize_vector_mi
 from .persist import SteeringFileError, check_compatible, export_gguf, export_tensors, import_gguf, load, save
 from .plots import plot_layer_norms, plot_loss_curve, plot_pca
 from .sampling import get_completion_logprob, get_completion_logprob_hf, sample_most_likely_completions_hf
+from .scale import Job, optimize_many
 from .scorers import KeywordScorer, LanguageScorer, RefusalScorer, SentimentScorer, get_scorer
 from .sweep import SweepResult, auto_steer, plot_success_vs_strength, plot_sweep_heatmap, sweep
 from .vector import SteeringVector
@@ -42,6 +43,8 @@ from .vector import SteeringVector
 __version__ = "0.2.0"
 
 __all__ = [
+    "Job",
+    "optimize_many",
     "SITES",
     "SteeringVector",
     "Objective",
