@@ -65,6 +65,10 @@ class _Params:
     def finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in self.tensors())
 
+    def usable(self) -> bool:
+        """Finite, and (clamp steering) no zero vector, whose direction would be undefined."""
+        return self.finite() and (self.clamp is None or all(bool(v.abs().sum() > 0) for v in self.vectors.values()))
+
     def matrix(self) -> torch.Tensor | None:
         """Dense ``M = leftᵀ right`` ``(d, d)`` (for returning to the user only)."""
         if self.left is None or self.right is None:
@@ -198,12 +202,16 @@ def _project(params: _Params, max_norm: float | None, max_affine_norm: float | N
         if max_norm is not None:
             for v in params.tensors()[: len(params.tensors()) - (2 if params.left is not None else 0)]:
                 n = v.norm()
+                if not torch.isfinite(n):  # float32 overflow (‖v‖ ≳ 1e19) would scale v to zero: use float64
+                    n = v.double().norm()
                 if n > max_norm:
                     v.mul_(max_norm / n)
         if max_affine_norm is not None:
             for m in (params.left, params.right):
                 if m is not None:
                     n = m.norm(dim=1, keepdim=True)
+                    if not bool(torch.isfinite(n).all()):
+                        n = m.double().norm(dim=1, keepdim=True)
                     m.mul_(torch.where(n > max_affine_norm, max_affine_norm / n, torch.ones_like(n)))
 
 
@@ -259,6 +267,12 @@ def _run_loop(
         while True:
             final_eval = steps >= cap
             opt.zero_grad(set_to_none=True)
+            if not params.usable():  # the last step made them non-finite (or a clamp vector zero): don't run it
+                params.restore(last_good)
+                status = "nonfinite"
+                log.warning("non-finite (or zero clamp) parameters at step %d; restored the last finite parameters",
+                            steps)
+                break
             subset = subset_fn(steps) if subset_fn is not None else None
             noise = noise_fn() if noise_fn is not None else None
             sub_losses = engine.run(params.spec_fn(seqs, noise), backward=not final_eval, subset=subset)
