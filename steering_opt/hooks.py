@@ -259,8 +259,13 @@ def hf_hooks_contextmanager(
             raise TypeError(f"`hook_infos[{i}]` must be a (layer, hook) pair, got {item!r:.60}")
         if not callable(item[1]):
             raise TypeError(f"`hook_infos[{i}]`: the hook must be callable, got {type(item[1]).__name__}")
-    # locate every module before registering anything: a bad layer registers nothing
+    # locate every module (and check vector widths) before registering anything: a bad entry registers nothing
     modules = [arch.get_site_module(model, layer, site, layer_config) for layer, _ in hook_infos]
+    for i, (_, fn) in enumerate(hook_infos):
+        vec = getattr(fn, "steering_vector", None)
+        if isinstance(vec, torch.Tensor) and vec.shape[-1] != arch.hidden_size(model):
+            raise ValueError(f"`hook_infos[{i}]`: the hook's vector has size {vec.shape[-1]}, but the model's hidden "
+                             f"size is {arch.hidden_size(model)}")
     handles = []
     try:
         for module, (_, fn) in zip(modules, hook_infos):
