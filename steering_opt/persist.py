@@ -615,7 +615,7 @@ def _load_set(folder: Path, device: str | torch.device) -> dict[str, SteeringVec
                 not isinstance(entry.get("path"), str):
             raise SteeringFileError(f"{folder / SET_FILE}: bad entry {entry!r}")
         name = entry["path"]
-        if not name or len(name) > 255 or any(c in name for c in "\x00/\\") or name in (".", ".."):
+        if len(name) > 255 or "\x00" in name:  # the OS would raise ValueError / OSError on these
             raise SteeringFileError(f"{folder / SET_FILE}: entry {entry['name']!r} has an invalid folder name "
                                     f"{name[:80]!r}")
         sub = (folder / name).resolve()
