@@ -18,7 +18,9 @@ and 24 held-out test prompts written for this benchmark. Methods, all on the emb
   pair / from 16 pairs, at the layer of ``opt``, strength chosen on the generic validation prompts (from
   0.25…4, by fluent success on 6 prompts) — a tuning step the optimised vectors do not get;
 * ``auto_steer``: ``steering_opt.auto_steer(model, tok, [datapoint], time_budget_s=--auto-budget)`` (its default
-  log-prob signal on the built-in generic validation prompts; no scorer, no test prompt seen).
+  log-prob signal on the built-in generic validation prompts; no scorer, no test prompt seen);
+* ``auto_steer+scorer``: the same with ``scorer=`` the task's scorer (the best candidates judged by generating on
+  the generic validation prompts).
 
 Metrics on the test prompts (greedy, ``--max-new-tokens`` tokens): success rate (the task's scorer);
 fluent-success rate (success AND distinct-2 ≥ 0.75 AND ≥ 95% of the words are words of the target language
@@ -74,22 +76,29 @@ def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Name
     def log(msg: str) -> None:
         print(f"[{task.name} {time.perf_counter() - t_task:6.1f}s] {msg}", flush=True)
 
-    res = ev.evaluate(None, label="none")
-    rows.append(_summary_row("none", res, {}))
-    log(f"none: success {res.summary['success_rate']:.2f}")
+    def want(name: str) -> bool:
+        return args.methods == "all" or name in args.methods.split(",")
+
+    if want("none"):
+        res = ev.evaluate(None, label="none")
+        rows.append(_summary_row("none", res, {}))
+        log(f"none: success {res.summary['success_rate']:.2f}")
 
     # prompting baseline: the instruction is part of the prompt; perplexity is measured given the plain prompt
     instructed = [task.prompt_with_instruction(p) for p in task.test_prompts]
-    pev = Evaluator(model, tok, instructed, scorer=task.scorer, chat=False, max_new_tokens=args.max_new_tokens,
-                    fluency_lang=task.lang, neutral_prompts=None)
-    pres = pev.evaluate(None, label="prompting")
-    ppl = perplexity(model, tok, task.test_prompts, [r["steered"] for r in pres.records], chat=task.chat)
-    toks = [max(r.get("n_tokens", 0), 0) for r in pres.records]
-    pooled = sum(t * math.log(p) for t, p in zip(toks, ppl) if t) / max(sum(toks), 1)
-    pres.summary["perplexity"] = float(math.exp(pooled))
-    pres.summary["kl"] = None
-    rows.append(_summary_row("prompting", pres, {}))
-    log(f"prompting: success {pres.summary['success_rate']:.2f}")
+    if not want("prompting"):
+        instructed = []
+    if instructed:
+        pev = Evaluator(model, tok, instructed, scorer=task.scorer, chat=False, max_new_tokens=args.max_new_tokens,
+                        fluency_lang=task.lang, neutral_prompts=None)
+        pres = pev.evaluate(None, label="prompting")
+        ppl = perplexity(model, tok, task.test_prompts, [r["steered"] for r in pres.records], chat=task.chat)
+        toks = [max(r.get("n_tokens", 0), 0) for r in pres.records]
+        pooled = sum(t * math.log(p) for t, p in zip(toks, ppl) if t) / max(sum(toks), 1)
+        pres.summary["perplexity"] = float(math.exp(pooled))
+        pres.summary["kl"] = None
+        rows.append(_summary_row("prompting", pres, {}))
+        log(f"prompting: success {pres.summary['success_rate']:.2f}")
 
     # optimised vectors
     cap = args.norm_fraction * residual_norms(model, tok, list(GENERIC_CHAT_PROMPTS if task.chat else
@@ -98,6 +107,8 @@ def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Name
                 ("opt+output_constr", {"do_output_constr": True, "max_output_constr_iters": 30})]
     opt_norm = None
     for name, kw in variants:
+        if not want(name.split("=")[0]):
+            continue
         t0 = time.perf_counter()
         v, info = so.optimize_vector(model, [dp], layer, tokenizer=tok, seed=0, **RECIPE, **kw)
         build = time.perf_counter() - t0
@@ -116,6 +127,8 @@ def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Name
     caa_sets = {"caa1": [ContrastPair(ptxt + task.dst, ptxt + task.src)],
                 "caa16": [ContrastPair(text(p, pos), text(p, neg)) for p, pos, neg in task.pairs]}
     for name, pairs in caa_sets.items():
+        if not want(name):
+            continue
         t0 = time.perf_counter()
         vec = train_steering_vector(model, tok, pairs, layers=[layer], read_token_index=-1)
         tuned = so.sweep(model, tok, [dp], layers=[layer], multipliers=CAA_MULTIPLIERS,
@@ -132,18 +145,26 @@ def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Name
         log(f"{name}: norm {rows[-1]['norm']:.1f}, x{mult:g}, success {res.summary['success_rate']:.2f}, "
             f"fluent {res.summary['fluent_success_rate']:.2f}")
 
-    # auto_steer: the one call, default signal, no scorer, nothing of the test set
-    t0 = time.perf_counter()
-    vec, report = so.auto_steer(model, tok, [dp], time_budget_s=args.auto_budget, seed=0)
-    build = time.perf_counter() - t0
-    res = ev.evaluate(vec, label="auto_steer")
-    b = report.best
-    rows.append(_summary_row("auto_steer", res, {"layer": b["layer"], "variant": b["variant"],
-                                                 "multiplier": b["multiplier"], "norm": float(
-                                                     vec.layer_activations[b["layer"]].norm()), "build_s": build,
-                                                 "notes": report.notes}))
-    log(f"auto_steer: layer {b['layer']} {b['variant']} x{b['multiplier']:g} in {build:.0f}s, "
-        f"success {res.summary['success_rate']:.2f}, fluent {res.summary['fluent_success_rate']:.2f}")
+    # auto_steer: the one call; default log-prob signal (no scorer) and with the task's scorer. Either way it
+    # measures only on its built-in generic validation prompts, never on the test prompts.
+    for name, scorer, budget in (("auto_steer", None, args.auto_budget),
+                                 ("auto_steer+scorer", task.scorer, args.auto_budget_scored)):
+        if not want(name):
+            continue
+        t0 = time.perf_counter()
+        vec, report = so.auto_steer(model, tok, [dp], scorer=scorer, time_budget_s=budget, seed=0, progress=False)
+        build = time.perf_counter() - t0
+        res = ev.evaluate(vec, label=name)
+        b = report.best
+        rows.append(_summary_row(name, res, {"layer": b["layer"], "variant": b["variant"],
+                                             "multiplier": b["multiplier"],
+                                             "norm": float(vec.layer_activations[b["layer"]].norm()),
+                                             "build_s": build, "notes": report.notes,
+                                             "validation": [{k: r.get(k) for k in (
+                                                 "layer", "variant", "multiplier", "criterion", "margin_gain", "kl",
+                                                 "fluent_success_rate")} for r in report.table]}))
+        log(f"{name}: layer {b['layer']} {b['variant']} x{b['multiplier']:g} in {build:.0f}s, "
+            f"success {res.summary['success_rate']:.2f}, fluent {res.summary['fluent_success_rate']:.2f}")
     return {"task": task.name, "chat": task.chat, "train_prompt": task.prompt, "src": task.src, "dst": task.dst,
             "n_test_prompts": len(task.test_prompts), "layer": layer, "time_s": time.perf_counter() - t_task,
             "methods": rows}
@@ -169,7 +190,7 @@ def markdown(doc: dict[str, Any]) -> str:
             if r.get("multiplier") is not None:
                 notes.append(f"×{r['multiplier']:g}")
             if r.get("variant"):
-                notes.append(f"layer {r['layer']}, {r['variant']}")
+                notes.append(f"layer {r['layer']}, {r['variant']}, chosen in {r['build_s']:.0f} s")
             if r.get("train_loss") is not None:
                 notes.append(f"train loss {r['train_loss']:.1f}")
             out.append(f"| {r['method']} | {_fmt(r['success_rate'], True)} | {_fmt(r['fluent_success_rate'], True)} | "
@@ -185,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--norm-fraction", type=float, default=0.25)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--auto-budget", type=float, default=150.0, help="auto_steer time budget (s)")
+    ap.add_argument("--auto-budget-scored", type=float, default=200.0, help="auto_steer+scorer time budget (s)")
+    ap.add_argument("--methods", default="all", help="comma-separated methods (none, prompting, opt, opt+max_norm, "
+                    "opt+clamp, opt+output_constr, caa1, caa16, auto_steer, auto_steer+scorer); default: all")
+    ap.add_argument("--merge", action="store_true", help="add the rows to those already in --out (same tasks)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     ap.add_argument("--out", default=str(ROOT / "quality.json"))
     ap.add_argument("--no-markdown", action="store_true", help="do not rewrite the table in RESULTS.md")
@@ -200,11 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (embedded, float32, CPU)", "threads": args.threads,
                            "machine": platform.platform(), "torch": torch.__version__, "args": vars(args),
                            "tasks": []}
+    old = json.loads(Path(args.out).read_text(encoding="utf-8")) if args.merge and Path(args.out).exists() else None
+    if old is not None:
+        doc = old
     for task in quality_tasks.TASKS:
         if task.name in wanted:
-            doc["tasks"].append(run_task(model, tok, task, args))
+            result = run_task(model, tok, task, args)
+            prev = next((t for t in doc["tasks"] if t["task"] == task.name), None)
+            if prev is None:
+                doc["tasks"].append(result)
+            else:
+                new_names = {r["method"] for r in result["methods"]}
+                prev["methods"] = [r for r in prev["methods"] if r["method"] not in new_names] + result["methods"]
+                prev["time_s"] += result["time_s"]
             Path(args.out).write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
-    doc["time_s"] = time.perf_counter() - start
+    doc["time_s"] = doc.get("time_s", 0.0) * (old is not None) + time.perf_counter() - start
     Path(args.out).write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
     table = markdown(doc)
     print(table)
