@@ -26,7 +26,8 @@ datapoint (a harmless chat request; promote a refusal, suppress the model's help
 3. `steering_opt.auto_steer`: layer and strength chosen by measurement, with the table it chose from.
 
 Log-probabilities and KL are in **nats**."""),
-    ("code", """import torch
+    ("code", """%matplotlib inline
+import torch
 import steering_opt
 
 torch.set_num_threads(1)  # a shared 2-core machine: one thread is fastest
