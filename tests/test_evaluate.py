@@ -226,6 +226,13 @@ def test_steering_forms_are_equivalent(tiny_llama, tokenizer) -> None:
     with pytest.raises(ValueError, match="multiplier"):
         completion_logprobs(tiny_llama, tokenizer, PROMPTS, comps, [(1, make_steering_hook_hf(a.layer_activations[1]))],
                             multiplier=2.0)
+    # affine steering (h + v + h Mᵀ, M = Lᵀ R) equals the tutorial hook with the dense matrix
+    g = torch.Generator().manual_seed(9)
+    left, right = torch.randn(2, D, generator=g) * 0.3, torch.randn(2, D, generator=g) * 0.3
+    affine = SteeringVector({1: a.layer_activations[1]}, affine={1: (left, right)})
+    dense = [(1, make_steering_hook_hf(a.layer_activations[1], left.T @ right))]
+    assert torch.allclose(completion_logprobs(tiny_llama, tokenizer, PROMPTS, comps, affine),
+                          completion_logprobs(tiny_llama, tokenizer, PROMPTS, comps, dense), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------- generate
