@@ -18,7 +18,7 @@ read the module's output.
 
 Token choice: by default the *last* token of each text is read (``read_token_index=-1``). Averaging over
 the sequence instead is wrecked in many small models (the embedded SmolLM2 included) by the massive
-activation of the first token (norm ~24,000 vs ~200 elsewhere): see docs/contrastive.md.
+activation of the first token (norm ~24,000 vs ~200 elsewhere): see the README, "Contrastive vectors".
 
 Aggregators map ``(pos (n, d), neg (n, d)) -> vector (d,)``; operators map
 ``(activation (b, s, d), vector (d,)) -> delta`` that is added to the activation.

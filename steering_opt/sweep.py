@@ -189,7 +189,7 @@ class _Stop(Exception):
 
 
 def _default_layers(model: nn.Module) -> list[int]:
-    """Candidate layers at 15%, 25%, 35% and 45% of the depth (see docs/evaluation.md for the measurement)."""
+    """Candidate layers at 15%, 25%, 35% and 45% of the depth (see benchmarks/RESULTS.md for the measurement)."""
     n = arch.num_layers(model)
     return sorted({min(n - 1, max(0, round(f * n))) for f in (0.15, 0.25, 0.35, 0.45)})
 

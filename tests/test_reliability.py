@@ -4,7 +4,7 @@ non-finite optimisation is detected and reported, the tokenizer is never mutated
 The table :data:`CASES` is the bad-input battery: every public entry point, each case asserting the
 exception type, that the message names the argument (and, where it is short, the value received), that
 the model never ran a forward pass, and that the model is bitwise unchanged with no hook left behind.
-The guarantees each test checks are listed in docs/guarantees.md.
+The guarantees each test checks are listed in the README, "Guarantees".
 """
 
 from __future__ import annotations
