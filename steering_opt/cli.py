@@ -195,7 +195,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_datapoint_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("datapoints (a JSONL file, or one datapoint from flags)")
     g.add_argument("--datapoints", metavar="FILE", default=None,
-                   help="JSONL file, one datapoint per line (schema: README, "JSONL files")")
+                   help="JSONL file, one datapoint per line (schema: README, section JSONL files)")
     g.add_argument("--prompt", default=None, help="prompt of a single datapoint")
     g.add_argument("--dst", nargs="+", metavar="TEXT", default=None, help="completion(s) to promote")
     g.add_argument("--src", nargs="+", metavar="TEXT", default=None, help="completion(s) to suppress")
