@@ -217,7 +217,29 @@ class ActivationHook:
 # ------------------------------------------------------------------------------ injecting
 
 
-class ActivationInjector:
+class _Injector:
+    """Shared lifecycle of the injectors: ``patch()`` registers hooks into ``self._handles``; ``remove()``
+    and leaving the ``with`` block take them all off."""
+
+    _handles: list[Any]
+
+    def patch(self) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Remove every hook this injector registered (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> Any:
+        return self.patch()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+class ActivationInjector(_Injector):
     """Add steering vectors to the model inside ``with injector:`` (rotalabs-steer's API).
 
     Args:
@@ -264,19 +286,9 @@ class ActivationInjector:
             raise
         return self
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> ActivationInjector:
-        return self.patch()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
 
 
-class MultiVectorInjector:
+class MultiVectorInjector(_Injector):
     """Steer with several named vector sets at independent strengths (rotalabs-steer's API).
 
     Args:
@@ -339,16 +351,6 @@ class MultiVectorInjector:
             raise
         return self
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> MultiVectorInjector:
-        return self.patch()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
 
 
 # ------------------------------------------------------------------------------ generation
