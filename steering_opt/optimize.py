@@ -228,7 +228,6 @@ def _show_progress(progress: bool | None) -> bool:
 class _LoopResult:
     steps: int
     losses: torch.Tensor  # per-sequence losses of the returned parameters
-    total: float
     history: list[float]
     status: str
 
@@ -321,8 +320,7 @@ def _run_loop(
             bar.update(1)
     finally:
         bar.close()
-    return _LoopResult(steps=steps, losses=losses, total=float(losses.sum()) if subset_fn is None else history[-1]
-                       if history else math.nan, history=history, status=status)
+    return _LoopResult(steps=steps, losses=losses, history=history, status=status)
 
 
 def _tangent_noise_fn(engine: Engine, params: _Params, layers: list[int], noise_scale: float,

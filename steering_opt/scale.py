@@ -305,8 +305,7 @@ class _JobState:
         self.steps += 1
 
     def result(self) -> tuple:
-        res = _LoopResult(steps=self.steps, losses=self.losses, total=float(self.losses.sum()),
-                          history=self.history, status=self.status)
+        res = _LoopResult(steps=self.steps, losses=self.losses, history=self.history, status=self.status)
         info = _base_info(self.seqs, self.n_dp, res, self.job.do_target_loss_sum)
         info["norm"] = float(self.vec.detach().norm())
         if self.job.name is not None:

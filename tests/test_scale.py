@@ -98,12 +98,18 @@ def jobs(model, tokenizer):
 
 
 def record_runs(monkeypatch) -> list[tuple[int, int]]:
-    """Record (engine id, number of sequences computed) for every FastEngine.run."""
+    """Record (engine id, number of sequences computed) for every FastEngine.run.
+
+    The engines are kept alive in ``alive`` so that a finished group's engine cannot be freed and its
+    ``id`` reused by the next group's engine (which made group counting flaky)."""
     calls: list[tuple[int, int]] = []
+    alive: list[FastEngine] = []
     real = FastEngine.run
 
     def run(self, spec_fn, **kw):
         subset = kw.get("subset")
+        if not any(e is self for e in alive):
+            alive.append(self)
         calls.append((id(self), len(self.seqs) if subset is None else len(subset)))
         return real(self, spec_fn, **kw)
 
