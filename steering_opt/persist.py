@@ -791,14 +791,12 @@ def check_compatible(vector: SteeringVector, model: nn.Module, *, allow_mismatch
 
 def _torch_load_tensor(path: Path) -> torch.Tensor:
     """``torch.load(weights_only=True)`` of a file that must hold one plain tensor."""
-    import pickle
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError,
-            ImportError, IndexError, KeyError, OSError) as exc:
+    except Exception as exc:  # hostile bytes can fail anywhere inside the unpickler (struct.error, ...)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise SteeringFileError(f"{path}: refused to load: it is not a plain tensor file that "
                                 f"torch.load(weights_only=True) accepts ({type(exc).__name__}: {first}). "
@@ -1080,12 +1078,12 @@ def import_tensors(path: str | os.PathLike[str]) -> SteeringVector:
                 raise SteeringFileError(f"{path}: unexpected array {key!r} (expected layer_<L>)")
             acts[int(m.group(1))] = torch.from_numpy(arr)
     else:
-        import pickle
 
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError,
-                ImportError, IndexError, KeyError, OSError) as exc:
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # hostile bytes can fail anywhere inside the unpickler (struct.error, ...)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise SteeringFileError(f"{path}: refused to load: not a file that torch.load(weights_only=True) "
                                     f"accepts ({type(exc).__name__}: {first})") from None

@@ -28,7 +28,7 @@ import steering_opt as so
 from steering_opt.scale import Job, optimize_many
 
 D = 64
-PROPS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+PROPS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.data_too_large])
 
 
