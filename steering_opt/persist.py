@@ -789,18 +789,24 @@ def check_compatible(vector: SteeringVector, model: nn.Module, *, allow_mismatch
 # ------------------------------------------------------------------------------------------- legacy
 
 
-def _torch_load_tensor(path: Path) -> torch.Tensor:
-    """``torch.load(weights_only=True)`` of a file that must hold one plain tensor."""
-
+def _safe_torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: the only way a ``.pt`` file is ever read. Any failure on the
+    file's bytes (refused globals, truncation, ``struct.error`` deep in the unpickler, ...) is a
+    :class:`SteeringFileError`; a missing file stays ``FileNotFoundError``."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # hostile bytes can fail anywhere inside the unpickler (struct.error, ...)
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise SteeringFileError(f"{path}: refused to load: it is not a plain tensor file that "
-                                f"torch.load(weights_only=True) accepts ({type(exc).__name__}: {first}). "
-                                "Legacy .pt files are never unpickled with arbitrary code.") from None
+        raise SteeringFileError(f"{path}: refused to load: not a file that torch.load(weights_only=True) "
+                                f"accepts ({type(exc).__name__}: {first}). .pt files are never unpickled "
+                                "with arbitrary code.") from None
+
+
+def _torch_load_tensor(path: Path) -> torch.Tensor:
+    """A ``.pt`` file that must hold one plain tensor (read with :func:`_safe_torch_load`)."""
+    obj = _safe_torch_load(path)
     if not isinstance(obj, torch.Tensor):
         raise SteeringFileError(f"{path}: expected a single tensor, found a {type(obj).__name__}")
     return obj
@@ -1078,15 +1084,7 @@ def import_tensors(path: str | os.PathLike[str]) -> SteeringVector:
                 raise SteeringFileError(f"{path}: unexpected array {key!r} (expected layer_<L>)")
             acts[int(m.group(1))] = torch.from_numpy(arr)
     else:
-
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # hostile bytes can fail anywhere inside the unpickler (struct.error, ...)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise SteeringFileError(f"{path}: refused to load: not a file that torch.load(weights_only=True) "
-                                    f"accepts ({type(exc).__name__}: {first})") from None
+        obj = _safe_torch_load(path)
         if not isinstance(obj, dict) or not obj:
             raise SteeringFileError(f"{path}: expected a non-empty {{layer: tensor}} dict, found "
                                     f"{type(obj).__name__}")
