@@ -2,7 +2,7 @@
 
 A :class:`TrainingDatapoint` is one prompt with completions to promote (``dst_completions``) and
 completions to suppress (``src_completions``). :func:`tokenize_datapoints` turns a list of them into
-flat :class:`Sequence` records, one per (datapoint, completion), which both engines consume.
+flat :class:`TokenizedCompletion` records, one per (datapoint, completion), which both engines consume.
 
 Prompt and completion are tokenised *separately* (the prompt with the tokenizer's special tokens,
 the completion without), so the completion's tokens are exactly the completion's own tokens even
@@ -15,11 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable
-from collections.abc import Sequence as Seq
+from collections.abc import Iterable, Sequence
 from typing import Any
-
-import torch
 
 SRC, DST = 0, 1
 
@@ -109,7 +106,7 @@ class TrainingDatapoint:
 
 
 @dataclasses.dataclass
-class Sequence:
+class TokenizedCompletion:
     """One (datapoint, completion) pair, tokenised."""
 
     datapoint: int
@@ -168,14 +165,14 @@ def steer_positions(token: Any, prompt_len: int, total_len: int, only_hook_promp
 
 def tokenize_datapoints(
     tokenizer: Any,
-    datapoints: Seq[TrainingDatapoint],
+    datapoints: Sequence[TrainingDatapoint],
     *,
     only_hook_prompt: bool = False,
     target_loss: float | None = None,
     max_length: int | None = None,
-) -> list[Sequence]:
+) -> list[TokenizedCompletion]:
     """Tokenise every (datapoint, completion) once; the order is datapoint, then src, then dst."""
-    seqs: list[Sequence] = []
+    seqs: list[TokenizedCompletion] = []
     for d, dp in enumerate(datapoints):
         p_ids = _encode(tokenizer, dp.prompt, special=True)
         if not p_ids:
@@ -190,7 +187,7 @@ def tokenize_datapoints(
                 if max_length is not None and len(ids) > max_length:
                     raise ValueError(f"datapoints[{d}]: prompt + completion is {len(ids)} tokens, longer than "
                                      f"the model's context ({max_length} tokens)")
-                seqs.append(Sequence(
+                seqs.append(TokenizedCompletion(
                     datapoint=d, kind=kind, index=k, ids=ids, prompt_len=len(p_ids),
                     steer_positions=steer_positions(dp.token, len(p_ids), len(ids), only_hook_prompt),
                     sign=-1.0 if dp.is_negative else 1.0,
@@ -199,25 +196,9 @@ def tokenize_datapoints(
     return seqs
 
 
-def nest_losses(seqs: Seq[Sequence], losses: Seq[float], n_datapoints: int) -> list[list[list[float]]]:
+def nest_losses(seqs: Sequence[TokenizedCompletion], losses: Sequence[float], n_datapoints: int) -> list[list[list[float]]]:
     """Arrange per-sequence losses as ``out[i][j][k]``: datapoint i, j=0 src / j=1 dst, completion k."""
     out: list[list[list[float]]] = [[[], []] for _ in range(n_datapoints)]
     for s, loss in zip(seqs, losses):
         out[s.datapoint][s.kind].append(float(loss))
     return out
-
-
-def loss_positions(seq: Sequence) -> tuple[list[int], list[int]]:
-    """Positions whose logits predict the completion tokens, and those target token ids."""
-    pos = list(range(seq.prompt_len - 1, len(seq.ids) - 1))
-    return pos, seq.ids[seq.prompt_len:]
-
-
-def as_tensor_mask(seq: Sequence, length: int) -> torch.Tensor:
-    """Steering mask of one sequence padded to ``length`` (bool ``(length,)``); padding is False."""
-    m = torch.zeros(length, dtype=torch.bool)
-    if seq.steer_positions is None:
-        m[: len(seq.ids)] = True
-    else:
-        m[: len(seq.ids)] = torch.tensor(seq.steer_positions, dtype=torch.bool)
-    return m

@@ -16,7 +16,7 @@ optionally divided by the completion's token count. Two engines compute it:
   of every datapoint in one right-padded batch (chunked by a token budget), and takes logits only
   at positions that predict a completion token.
 
-Both consume the same :class:`~steering_opt.data.Sequence` records and the same per-row steering
+Both consume the same :class:`~steering_opt.data.TokenizedCompletion` records and the same per-row steering
 specification, and agree to ~1e-5 (tested).
 """
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from . import arch
 from .data import SRC
-from .data import Sequence as Seq
+from .data import TokenizedCompletion as Seq
 from .hooks import steer
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import arch
-from .data import Sequence as Seq
+from .data import TokenizedCompletion as Seq
 from .data import TrainingDatapoint, nest_losses, tokenize_datapoints
 from .engine import Engine, Objective, SteerSpec, make_engine
 from .hooks import frozen_model

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import arch
-from .data import Sequence as Seq
+from .data import TokenizedCompletion as Seq
 from .data import TrainingDatapoint, tokenize_datapoints
 from .engine import Engine, FastEngine, Objective, SpecFn, SteerSpec
 from .hooks import frozen_model

@@ -19,7 +19,7 @@ from conftest import make_tiny_model
 from torch import nn
 
 import steering_opt as so
-from steering_opt.data import DST, SRC, Sequence, tokenize_datapoints
+from steering_opt.data import DST, SRC, TokenizedCompletion, tokenize_datapoints
 from steering_opt.engine import FastEngine, Objective, ReferenceEngine, SteerSpec
 
 LAYER = 1
@@ -162,22 +162,23 @@ def fd_model():
     return make_tiny_model("gpt2", FD_VOCAB, seed=1, initializer_range=INIT).double()
 
 
-def _fd_seqs() -> list[Sequence]:
+def _fd_seqs() -> list[TokenizedCompletion]:
     g = torch.Generator().manual_seed(0)
 
     def ids(n):
         return torch.randint(3, FD_VOCAB, (n,), generator=g).tolist()
 
     p1, p2 = ids(6), ids(4)
+    tc = TokenizedCompletion
     return [
-        Sequence(datapoint=0, kind=SRC, index=0, ids=p1 + ids(3), prompt_len=6, steer_positions=None, sign=1.0,
-                 target=None),
-        Sequence(datapoint=0, kind=DST, index=0, ids=p1 + ids(2), prompt_len=6, steer_positions=None, sign=1.0,
-                 target=None),
-        Sequence(datapoint=1, kind=SRC, index=0, ids=p2 + ids(2), prompt_len=4,
-                 steer_positions=[False, True, False, True, True, False], sign=-1.0, target=None),
-        Sequence(datapoint=1, kind=DST, index=0, ids=p2 + ids(3), prompt_len=4, steer_positions=None, sign=-1.0,
-                 target=None),
+        tc(datapoint=0, kind=SRC, index=0, ids=p1 + ids(3), prompt_len=6, steer_positions=None, sign=1.0,
+           target=None),
+        tc(datapoint=0, kind=DST, index=0, ids=p1 + ids(2), prompt_len=6, steer_positions=None, sign=1.0,
+           target=None),
+        tc(datapoint=1, kind=SRC, index=0, ids=p2 + ids(2), prompt_len=4,
+           steer_positions=[False, True, False, True, True, False], sign=-1.0, target=None),
+        tc(datapoint=1, kind=DST, index=0, ids=p2 + ids(3), prompt_len=4, steer_positions=None, sign=-1.0,
+           target=None),
     ]
 
 
