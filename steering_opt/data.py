@@ -196,7 +196,8 @@ def tokenize_datapoints(
     return seqs
 
 
-def nest_losses(seqs: Sequence[TokenizedCompletion], losses: Sequence[float], n_datapoints: int) -> list[list[list[float]]]:
+def nest_losses(seqs: Sequence[TokenizedCompletion], losses: Sequence[float],
+                n_datapoints: int) -> list[list[list[float]]]:
     """Arrange per-sequence losses as ``out[i][j][k]``: datapoint i, j=0 src / j=1 dst, completion k."""
     out: list[list[list[float]]] = [[[], []] for _ in range(n_datapoints)]
     for s, loss in zip(seqs, losses):
