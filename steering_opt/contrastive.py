@@ -3,15 +3,16 @@
 Recipe: run (positive, negative) text pairs through the model, read one token's activation per text at
 every requested layer (:func:`extract_activations`), combine the positive/negative activations into one
 vector per layer (:func:`aggregate_activations` with an aggregator), and wrap the result in the same
-:class:`~steering_opt.vector.SteeringVector` the optimiser produces (:func:`train_steering_vector` does
-all of it)::
+:class:`~steering_opt.vector.SteeringVector` the optimiser produces (:func:`contrastive_vector` does all
+of it; :func:`steering_opt.compat.steering_vectors.train_steering_vector` is the same under the
+steering-vectors name and signature)::
 
-    vec = train_steering_vector(model, tok, [("I love it", "I hate it"), ...], layers=[6])
+    vec = contrastive_vector(model, tok, [("I love it", "I hate it"), ...], layers=[6])
     with vec.apply(model, multiplier=4.0):
         model.generate(...)
 
 Site convention: activations are read at exactly the tensor that steering modifies
-(:func:`steering_opt.vector.register_site_hook`): for ``layer_type="decoder_block"`` that is the residual
+(:func:`steering_opt.hooks.site_hook`): for ``layer_type="decoder_block"`` that is the residual
 stream *entering* block ``L`` (``hidden_states[L]``), so a vector read at layer ``L`` is applied at layer
 ``L``. (steering-vectors reads the block *output*: its layer ``L`` is our layer ``L + 1``.) Other sites
 read the module's output.
@@ -35,8 +36,8 @@ import torch
 from torch import nn
 
 from . import arch
-from .hooks import frozen_model
-from .vector import Operator, SiteConfig, SteeringVector, register_site_hook, resolve_site_module
+from .hooks import capture, frozen_model, pad_sequences, pad_token_id, site_kind
+from .vector import Operator, SiteConfig, SteeringVector, resolve_site_module
 
 __all__ = [
     "Aggregator",
@@ -45,13 +46,13 @@ __all__ = [
     "ablation_then_addition_operator",
     "addition_operator",
     "aggregate_activations",
+    "contrastive_vector",
     "extract_activations",
     "logistic_aggregator",
     "mean_aggregator",
     "pca_aggregator",
     "projection_operator",
     "tokenize_text",
-    "train_steering_vector",
 ]
 
 #: A plain string, or a chat as a list of ``{"role": ..., "content": ...}`` messages.
@@ -320,10 +321,6 @@ def _read_index(read_token_index: Any, text: str, n_tokens: int, where: str) -> 
     return int(idx) % n_tokens
 
 
-class _StopForward(Exception):
-    """Raised by the reading hooks once every requested layer is read: the rest of the model is skipped."""
-
-
 # ------------------------------------------------------------------------------ extraction
 
 
@@ -392,75 +389,48 @@ def extract_activations(
             arch.check_context_length(model, len(ids), where)
             seqs.append((ids, _read_index(read_token_index, rendered, len(ids), where)))
 
-    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
-                   if isinstance(t, int)), 0)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
+    pad_id = pad_token_id(tokenizer, model)
+    side = "left" if getattr(tokenizer, "padding_side", "right") == "left" else "right"
     order = sorted(range(len(seqs)), key=lambda j: -len(seqs[j][0]))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    device = _input_device(model)
+    device = arch.input_device(model)
     d = arch.hidden_size(model)
     out = {layer: torch.empty(len(seqs), d, dtype=torch.float32) for layer in layer_list}
+    points = {layer: (module, site_kind(layer_type)) for layer, module in zip(layer_list, modules)}
 
-    captured: dict[int, torch.Tensor] = {}
-    read_at: list[torch.Tensor] = []  # [rows, cols] of the tokens to read in the current batch
+    def read_batch(batch: list[int]) -> dict[int, torch.Tensor]:
+        """``{layer: (len(batch), d)}``: the read token of each text of ``batch``; the forward stops after the
+        deepest requested module."""
+        ids, mask = pad_sequences([seqs[j][0] for j in batch], pad_id, side=side)
+        width = ids.shape[1]
+        rows = torch.arange(len(batch))
+        cols = torch.tensor([(width - len(seqs[j][0]) if side == "left" else 0) + seqs[j][1] for j in batch])
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
 
-    def reader(layer: int) -> Callable[[torch.Tensor, torch.Tensor | None], None]:
-        def fn(h: torch.Tensor, _pos: torch.Tensor | None) -> None:
-            rows, cols = read_at[0], read_at[1]
-            captured[layer] = h[rows.to(h.device), cols.to(h.device)].detach().float().cpu()
-            if len(captured) == len(layer_list):
-                raise _StopForward
-        return fn
+        def forward() -> Any:
+            return model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         position_ids=position_ids.to(device), use_cache=False)
+
+        return capture(forward, points,
+                       read=lambda _, h: h[rows.to(h.device), cols.to(h.device)].detach().float().cpu())
 
     iterator: Any = batches
     if show_progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="Extracting activations")
-    handles: list[Any] = []
     with frozen_model(model), torch.no_grad():
-        try:
-            for layer, module in zip(layer_list, modules):
-                handles.append(register_site_hook(module, layer_type, reader(layer)))
-            for batch in iterator:
-                width = max(len(seqs[j][0]) for j in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                cols = []
-                for r, j in enumerate(batch):
-                    toks, idx = seqs[j]
-                    off = width - len(toks) if left else 0
-                    ids[r, off:off + len(toks)] = torch.tensor(toks)
-                    mask[r, off:off + len(toks)] = 1
-                    cols.append(off + idx)
-                position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-                read_at[:] = [torch.arange(len(batch)), torch.tensor(cols)]
-                captured.clear()
-                try:
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                          position_ids=position_ids.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                missing = [layer for layer in layer_list if layer not in captured]
-                if missing:
-                    raise RuntimeError(f"extract_activations: the {layer_type!r} modules of layers {missing} did not "
-                                       "run during the forward pass; check `layer_config`")
-                for layer in layer_list:
-                    out[layer][torch.tensor(batch)] = captured[layer]
-        finally:
-            for h in handles:
-                h.remove()
+        for batch in iterator:
+            captured = read_batch(batch)
+            missing = [layer for layer in layer_list if layer not in captured]
+            if missing:
+                raise RuntimeError(f"extract_activations: the {layer_type!r} modules of layers {missing} did not "
+                                   "run during the forward pass; check `layer_config`")
+            for layer in layer_list:
+                out[layer][torch.tensor(batch)] = captured[layer]
     pos = {layer: t[0::2].contiguous() for layer, t in out.items()}
     neg = {layer: t[1::2].contiguous() for layer, t in out.items()}
     return pos, neg
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    try:
-        emb = model.get_input_embeddings()  # type: ignore[operator]
-        return emb.weight.device
-    except Exception:
-        return next(model.parameters()).device
 
 
 # ------------------------------------------------------------------------------ aggregation / training
@@ -518,23 +488,23 @@ def aggregate_activations(
     return out
 
 
-def train_steering_vector(
+def contrastive_vector(
     model: nn.Module,
     tokenizer: Any,
     training_samples: Sequence[tuple[Text, Text] | ContrastPair],
     layers: int | Sequence[int] | None = None,
+    *,
+    aggregator: Aggregator | None = None,
     layer_type: str = "decoder_block",
     layer_config: SiteConfig = None,
     read_token_index: ReadIndex = -1,
     batch_size: int = 1,
     show_progress: bool = False,
-    aggregator: Aggregator | None = None,
 ) -> SteeringVector:
-    """Train a steering vector from contrast pairs (steering-vectors' ``train_steering_vector``).
+    """A steering vector from contrast pairs: :func:`extract_activations` then :func:`aggregate_activations`.
 
-    :func:`extract_activations` followed by :func:`aggregate_activations`; see them for the arguments.
-    ``aggregator`` defaults to :func:`mean_aggregator` (CAA); also :func:`pca_aggregator`,
-    :func:`logistic_aggregator` or any ``(pos (n, d), neg (n, d)) -> (d,)`` function.
+    See those two for the arguments. ``aggregator`` defaults to :func:`mean_aggregator` (CAA); also
+    :func:`pca_aggregator`, :func:`logistic_aggregator` or any ``(pos (n, d), neg (n, d)) -> (d,)`` function.
 
     Returns:
         A :class:`~steering_opt.vector.SteeringVector` with one vector per layer, ``layer_type`` as given,

@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +35,8 @@ from torch import nn
 from . import arch
 from .data import SRC
 from .data import TokenizedCompletion as Seq
-from .hooks import steer
+from .hooks import HookSpec, attach, capture
+from .parameterization import ADDITIVE, Steering, steer
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +47,20 @@ class SteerSpec:
 
     Attributes:
         rows: ``{layer: (n_rows, d)}`` per-row vectors (sign and noise already folded in).
-        left, right: affine factors ``(r, d)`` shared by all rows, or None.
-        clamp: clamp coefficient, or None for additive steering.
+        params: ``{layer: [Steering, ...]}`` the parameterisations (clamp coefficient, affine factors...);
+            None: additive steering with the rows.
+        which: ``(n_rows,)`` index into ``params[layer]`` of each row; None: every row uses ``params[layer][0]``.
     """
 
     rows: dict[int, torch.Tensor]
-    left: torch.Tensor | None = None
-    right: torch.Tensor | None = None
-    clamp: float | None = None
+    params: dict[int, list[Steering]] | None = None
+    which: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> SteerSpec:
         """The spec for the rows ``index`` ``(B,)`` (the fast engine gives each packed batch row the
-        row of its first sequence). Subclasses with more per-row fields select those too."""
-        return dataclasses.replace(self, rows={k: v[index.to(v.device)] for k, v in self.rows.items()})
+        row of its first sequence)."""
+        return SteerSpec(rows={k: v[index.to(v.device)] for k, v in self.rows.items()}, params=self.params,
+                         which=None if self.which is None else self.which[index.to(self.which.device)])
 
     def apply(self, h: torch.Tensor, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Steer ``h`` ``(B, T, d)`` entering block ``layer`` (row ``b`` of ``h`` uses row ``b`` of the
@@ -66,7 +68,8 @@ class SteerSpec:
         rows = self.rows.get(layer)
         if rows is None:
             return h
-        return steer(h, rows, left=self.left, right=self.right, clamp=self.clamp, mask=mask)
+        params = self.params[layer] if self.params is not None else ADDITIVE
+        return steer(h, params, rows, which=self.which, mask=mask)
 
 
 SpecFn = Callable[[list[int]], SteerSpec]
@@ -108,10 +111,6 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-class _Stop(Exception):
-    pass
-
-
 class Engine:
     """Common set-up: the model, the sequences, the steered layers and the objective."""
 
@@ -139,6 +138,9 @@ class Engine:
         """
         raise NotImplementedError
 
+    def forget(self, subset: Sequence[int] | None) -> None:
+        """Drop what :meth:`run` cached for ``subset`` (None: for every subset) to free memory."""
+
     def _hook_for(self, layer: int, spec: SteerSpec, mask: torch.Tensor | None,
                   replace: torch.Tensor | None = None) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -147,18 +149,6 @@ class Engine:
             return arch.replace_hidden_states(args, kwargs, h)
 
         return hook
-
-
-@contextlib.contextmanager
-def _hooks(pairs: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]:
-    handles = []
-    try:
-        for module, fn in pairs:
-            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class ReferenceEngine(Engine):
@@ -177,7 +167,7 @@ class ReferenceEngine(Engine):
                 mask = torch.tensor(seq.steer_positions, device=self.device)[None]
             ids = torch.tensor([seq.ids], device=self.device)
             with torch.set_grad_enabled(backward), \
-                    _hooks([(self.modules[layer], self._hook_for(layer, spec, mask)) for layer in self.layers]):
+                    attach([(self.modules[layer], self._hook_for(layer, spec, mask), "pre") for layer in self.layers]):
                 logits = self.model(input_ids=ids, use_cache=False).logits[0]
                 lp_all = torch.log_softmax(logits.float() * self.objective.coldness, dim=-1)
                 pos = torch.arange(seq.prompt_len - 1, T - 1, device=lp_all.device)
@@ -348,23 +338,21 @@ class FastEngine(Engine):
 
     @torch.no_grad()
     def _fill_cache(self, chunk: _Chunk) -> None:
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["h"] = arch.get_hidden_states(args, kwargs).detach()
-            raise _Stop
-
-        with _hooks([(self.modules[self.low], grab)]):
-            try:
-                self._forward(chunk)
-            except _Stop:
-                pass
+        """Store the input of the lowest steered block (the forward stops there)."""
+        captured = capture(lambda: self._forward(chunk), {"h": (self.modules[self.low], "pre")},
+                           read=lambda _, h: h.detach())
         chunk.cache = captured["h"]
 
     def _truncation(self) -> contextlib.AbstractContextManager:
         if not self.cache_lower_layers or self.low == 0:
             return contextlib.nullcontext()
         return arch.truncated_blocks(self.model, self.low)
+
+    def forget(self, subset: Sequence[int] | None) -> None:
+        if subset is None:
+            self._chunks.clear()
+        else:
+            self._chunks.pop(tuple(subset), None)
 
     def run(self, spec_fn: SpecFn, *, weights: torch.Tensor | None = None, backward: bool = True,
             subset: Sequence[int] | None = None) -> torch.Tensor:
@@ -386,22 +374,21 @@ class FastEngine(Engine):
                     self.cache_lower_layers = use_cache = False
             spec = spec_fn(chunk.seq_idx)
             spec = spec.select(chunk.row_first)
-            pairs = []
+            specs: list[HookSpec] = []
             for layer in self.layers:
                 replace = chunk.cache if (use_cache and layer == self.low) else None
-                pairs.append((self.modules[layer], self._hook_for(layer, spec, chunk.mask, replace)))
+                specs.append((self.modules[layer], self._hook_for(layer, spec, chunk.mask, replace), "pre"))
             gb, gt = chunk.gather_b, chunk.gather_t
 
-            def gather(module: nn.Module, args: tuple, gb: torch.Tensor = gb, gt: torch.Tensor = gt) -> tuple:
-                h = args[0]
-                return (h[gb.to(h.device), gt.to(h.device)][None],) + tuple(args[1:])
+            def gather(module: nn.Module, args: tuple, kwargs: dict, gb: torch.Tensor = gb,
+                       gt: torch.Tensor = gt) -> tuple[tuple, dict]:
+                """The head sees only the positions that predict a completion token: ``(1, N, d)``."""
+                h = arch.get_hidden_states(args, kwargs)
+                return arch.replace_hidden_states(args, kwargs, h[gb.to(h.device), gt.to(h.device)][None])
 
-            with torch.set_grad_enabled(backward), _hooks(pairs), self._truncation():
-                handle = self.head.register_forward_pre_hook(gather)
-                try:
-                    logits = self._forward(chunk).logits[0]
-                finally:
-                    handle.remove()
+            specs.append((self.head, gather, "pre"))
+            with torch.set_grad_enabled(backward), self._truncation(), attach(specs):
+                logits = self._forward(chunk).logits[0]
                 logp = self.objective.token_logprobs(logits, chunk.targets)
                 idx_t = torch.tensor(chunk.seq_idx)
                 losses = self.objective.completion_losses(logp, chunk.owner, self.kinds[idx_t], self.lengths[idx_t])

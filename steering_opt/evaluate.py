@@ -51,10 +51,11 @@ import torch
 from torch import nn
 
 from . import arch
+from .compat.llm_steering_opt import hf_hooks_contextmanager
 from .data import _encode
-from .hooks import frozen_model, hf_hooks_contextmanager
+from .hooks import frozen_model, pad_sequences, pad_token_id
 from .scorers import distinct_n, get_scorer, real_word_fraction, repetition_rate
-from .vector import SteeringVector
+from .vector import SteeringVector, check_multiplier
 
 __all__ = [
     "DEFAULT_NEUTRAL_PROMPTS",
@@ -121,7 +122,8 @@ def _prompt_label(prompt: Prompt) -> str:
     return users[-1] if users else str(prompt[-1]["content"])
 
 
-def _check_prompts(prompts: Any, name: str = "prompts") -> list[Prompt]:
+def check_prompts(prompts: Any, name: str = "prompts") -> list[Prompt]:
+    """Check a list of prompts (non-empty strings or chat message lists) and return it as a list."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError(f"`{name}` must be a non-empty list of prompts (strings or chat message lists), "
                          f"got {prompts!r}"[:300])
@@ -150,12 +152,6 @@ def _check_completions(completions: Any, name: str) -> list[str]:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-
-
-def _check_multiplier(multiplier: Any) -> float:
-    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
-        raise TypeError(f"`multiplier` must be a finite number, got {multiplier!r}")
-    return float(multiplier)
 
 
 # ---------------------------------------------------------------------------------------- steering
@@ -200,7 +196,7 @@ def _normalize_steering(steering: Any) -> tuple[list[tuple[SteeringVector, float
         if isinstance(item, SteeringVector):
             vectors.append((item, 1.0))
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], SteeringVector):
-            vectors.append((item[0], _check_multiplier(item[1])))
+            vectors.append((item[0], check_multiplier(item[1], allow_callable=False)))
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int) and callable(item[1]):
             hooks.append((item[0], item[1]))
         else:
@@ -214,7 +210,7 @@ def steering_context(model: nn.Module, steering: Any, multiplier: float = 1.0) -
     """Apply ``steering`` (any form accepted by :func:`evaluate`) to ``model`` inside the block;
     every hook is removed on exit, also on errors. ``multiplier`` scales every SteeringVector;
     raw hooks cannot be scaled (``multiplier`` must then be 1)."""
-    multiplier = _check_multiplier(multiplier)
+    multiplier = check_multiplier(multiplier, allow_callable=False)
     vectors, hooks = _normalize_steering(steering)
     if hooks and multiplier != 1.0:
         raise ValueError("`multiplier` cannot scale raw (layer, hook) steering; pass SteeringVectors instead")
@@ -236,17 +232,6 @@ def _describe_steering(steering: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------ model passes
-
-
-def _pad_id(tokenizer: Any, model: nn.Module) -> int:
-    for src in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
-        for attr in ("pad_token_id", "eos_token_id"):
-            val = getattr(src, attr, None) if src is not None else None
-            if isinstance(val, (list, tuple)):
-                val = val[0] if val else None
-            if isinstance(val, int):
-                return val
-    return 0
 
 
 def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
@@ -284,7 +269,7 @@ def _generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],
     from transformers import GenerationConfig
 
     arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
-    pad = _pad_id(tokenizer, model)
+    pad = pad_token_id(tokenizer, model)
     eos = _eos_ids(tokenizer, model)
     dev = arch.input_device(model)
     cfg_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
@@ -294,13 +279,8 @@ def _generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],
     gen_cfg = GenerationConfig(**cfg_kwargs)
     out: list[list[int]] = [[] for _ in prompt_ids]
     for b, idx in enumerate(_batches([len(p) for p in prompt_ids], batch_size)):
-        longest = max(len(prompt_ids[i]) for i in idx)
-        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), longest), dtype=torch.long)
-        for r, i in enumerate(idx):
-            n = len(prompt_ids[i])
-            ids[r, longest - n:] = torch.tensor(prompt_ids[i])
-            mask[r, longest - n:] = 1
+        ids, mask = pad_sequences([prompt_ids[i] for i in idx], pad, side="left")
+        longest = ids.shape[1]
         with contextlib.ExitStack() as stack:
             if do_sample:
                 stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
@@ -323,18 +303,12 @@ def _token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int
     (prompt ids, completion ids) pair; right padding; logits only at the completion positions."""
     arch.check_context_length(model, max((len(p) + len(c) for p, c in pairs), default=0),
                               "a prompt + completion")
-    pad = _pad_id(tokenizer, model)
+    pad = pad_token_id(tokenizer, model)
     dev = arch.input_device(model)
     out: list[torch.Tensor] = [torch.zeros(0) for _ in pairs]
     lengths = [len(p) + len(c) for p, c in pairs]
     for idx in _batches(lengths, batch_size, max_batch_tokens):
-        longest = max(lengths[i] for i in idx)
-        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), longest), dtype=torch.long)
-        for r, i in enumerate(idx):
-            seq = pairs[i][0] + pairs[i][1]
-            ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
+        ids, mask = pad_sequences([pairs[i][0] + pairs[i][1] for i in idx], pad)
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
         for r, i in enumerate(idx):
             p_len, c_len = len(pairs[i][0]), len(pairs[i][1])
@@ -352,17 +326,12 @@ def _next_token_logprobs(model: nn.Module, tokenizer: Any, prompt_ids: list[list
     """Log-softmax next-token distributions ``(n_positions, vocab)`` (float32) of each prompt, at every
     position (``positions="all"``) or the last one (``"last"``)."""
     arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
-    pad = _pad_id(tokenizer, model)
+    pad = pad_token_id(tokenizer, model)
     dev = arch.input_device(model)
     out: list[torch.Tensor] = [torch.zeros(0) for _ in prompt_ids]
     lengths = [len(p) for p in prompt_ids]
     for idx in _batches(lengths, batch_size, 2048):
-        longest = max(lengths[i] for i in idx)
-        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), longest), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : lengths[i]] = torch.tensor(prompt_ids[i])
-            mask[r, : lengths[i]] = 1
+        ids, mask = pad_sequences([prompt_ids[i] for i in idx], pad)
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
         for r, i in enumerate(idx):
             sl = slice(0, lengths[i]) if positions == "all" else slice(lengths[i] - 1, lengths[i])
@@ -411,7 +380,7 @@ def generate(
     is left untouched). Returns the decoded completions (special tokens skipped, cut at the first EOS,
     surrounding whitespace stripped). The model is left exactly as it was.
     """
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     _check_int("max_new_tokens", max_new_tokens, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("top_k", top_k, 0)
@@ -445,7 +414,7 @@ def completion_logprobs(
     the mean over the completion's tokens instead). Prompt and completion are tokenised separately
     (prompt with special tokens), as in training.
     """
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     comps = _check_completions(completions, "completions")
     if not comps:
         raise ValueError("`completions` must be a non-empty list of strings")
@@ -472,7 +441,7 @@ def perplexity(
     """Perplexity of ``completions[i]`` after ``prompts[i]`` under ``model`` as it is (no steering):
     ``exp(−(1/T) Σ_t log p(y_t))`` over the completion's T tokens. Use it on steered generations to
     measure how natural the unsteered model finds them. An empty completion gives ``nan``."""
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     if isinstance(completions, str) or len(completions) != len(prompts):
         raise ValueError(f"`completions` must be a list with one string per prompt ({len(prompts)}), "
                          f"got {completions!r}"[:200])
@@ -499,7 +468,7 @@ def kl_divergence(
 ) -> float:
     """Mean ``KL(p_unsteered ‖ p_steered)`` (nats) of the next-token distributions over every token
     position of ``prompts`` (``positions="last"``: only the last position of each prompt)."""
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     if positions not in ("all", "last"):
         raise ValueError(f"`positions` must be 'all' or 'last', got {positions!r}")
     _check_steering(model, steering)
@@ -618,11 +587,11 @@ class Evaluator:
         if tokenizer is None:
             raise ValueError("`tokenizer` is required")
         self.model, self.tokenizer = model, tokenizer
-        self.prompts = _check_prompts(prompts)
+        self.prompts = check_prompts(prompts)
         self.scorer = get_scorer(scorer) if scorer is not None else None
         self.promote = _check_completions(promote, "promote")
         self.suppress = _check_completions(suppress, "suppress")
-        self.neutral = _check_prompts(neutral_prompts, "neutral_prompts") if neutral_prompts else []
+        self.neutral = check_prompts(neutral_prompts, "neutral_prompts") if neutral_prompts else []
         self.chat = bool(chat)
         self.do_generate = bool(generate)
         _check_int("max_new_tokens", max_new_tokens, 1)
@@ -725,7 +694,7 @@ class Evaluator:
 
     def evaluate(self, steering: Any, multiplier: float = 1.0, *, label: str | None = None) -> EvalResult:
         """Measure ``steering`` (any form, see the module docstring) at strength ``multiplier``."""
-        multiplier = _check_multiplier(multiplier)
+        multiplier = check_multiplier(multiplier, allow_callable=False)
         _check_steering(self.model, steering)
         start = time.perf_counter()
         base = self.baseline()
@@ -831,3 +800,4 @@ def evaluate(
                    batch_size=batch_size, fluency_lang=fluency_lang, min_distinct2=min_distinct2,
                    min_real_words=min_real_words, kl_positions=kl_positions)
     return ev.evaluate(steering, multiplier)
+__import__("steering_opt.util").util.make_module_callable(__name__)  # calling the module calls evaluate()

@@ -1,31 +1,34 @@
-"""Steering hooks: the one place where an activation is modified.
+"""The hook core: every steering, reading and early stop of a forward pass goes through here.
 
-Every steering operation in the library (the optimiser's training-time hooks, the tutorial's
-``make_steering_hook_hf``, ``SteeringVector.apply``) goes through :func:`steer`, so training and
-inference steer identically.
-
-Site: the residual stream *entering* decoder block ``L`` (a forward pre-hook on block ``L``), which
-equals ``hidden_states[L]`` of ``output_hidden_states=True`` and TransformerLens'
-``blocks.L.hook_resid_pre``.
-
-Token positions: hooks read the ``position_ids`` keyword that HF decoder blocks receive, so a token
-index means the same token whether the sequence is processed in one pass or one token at a time with
-a KV cache (and, with left padding, positions count from the first real token).
+* :func:`steer` — the one place where an activation is modified (training and inference alike).
+* :func:`attach` — the one way to register hooks: a list of ``(module, fn, kind)`` specs becomes one
+  :class:`HookHandle` that removes them all (idempotent, also a context manager).
+* :func:`site_hook` — the site convention: ``decoder_block`` is read/steered at the block *input*
+  (``hidden_states[L]``, TransformerLens' ``blocks.L.hook_resid_pre``), every other site at the module
+  *output*.
+* :func:`capture` — run a forward, keep the activations of some modules, and stop the forward as soon
+  as the last of them is reached.
+* :class:`TokenSelection`, :class:`SequenceTracker`, :func:`current_positions` — which token positions to
+  steer; positions come from the ``position_ids`` the model receives, so a token index means the same
+  token in one pass and during KV-cached (or uncached) generation, and with left padding positions
+  count from each row's first real token.
+* :func:`pad_sequences`, :func:`pad_token_id` — the one padder of token-id lists.
+* :func:`frozen_model` — the one place a model is frozen for the duration of a call.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+import numbers
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from . import arch
 
-TokenSpec = int | slice | Sequence[int] | None
+# ------------------------------------------------------------------------------------------ steering
 
 
 def steer(
@@ -46,7 +49,7 @@ def steer(
         vector: ``(d,)`` or one vector per row ``(batch, d)``.
         left, right: affine factors ``(r, d)``; the map is ``h -> h + h Mᵀ + v`` with ``M = leftᵀ right``,
             computed as ``(h rightᵀ) left`` (rank-r, never a dense ``d×d`` product).
-        matrix: a dense ``(d, d)`` matrix ``M`` (tutorial compatibility): ``h -> h + h Mᵀ + v``.
+        matrix: a dense ``(d, d)`` matrix ``M``: ``h -> h + h Mᵀ + v``.
         clamp: clamp coefficient ``c``: ``h -> h - (h·v̂) v̂ + c v`` (rank-1).
         mask: bool ``(batch, seq)``; positions where it is False are left untouched (a float mask
             weights the change per position).
@@ -87,213 +90,419 @@ def steer(
     return h + delta
 
 
-def token_mask(token: TokenSpec, positions: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Bool mask ``(batch, seq)`` of the positions selected by ``token``; ``None`` means all positions.
+# --------------------------------------------------------------------------------------------- hooks
 
-    Args:
-        token: ``None`` (all), an int (negative counts from the end of the sequence), a slice, or a
-            sequence of ints.
-        positions: absolute token positions ``(batch, seq)`` (HF ``position_ids``).
-        seq_lens: length of each row's full sequence ``(batch,)``, needed for negative indices.
+#: ``"pre"``: a forward pre-hook registered ``with_kwargs=True``, ``fn(module, args, kwargs)`` returning
+#: ``None`` or new ``(args, kwargs)``. ``"post"``: a forward hook, ``fn(module, args, output)`` returning
+#: ``None`` or a new output.
+HOOK_KINDS: tuple[str, ...] = ("pre", "post")
+#: ``(module, fn, kind)``: one hook to register (see :data:`HOOK_KINDS`).
+HookSpec = tuple[nn.Module, Callable[..., Any], str]
+
+
+class HookHandle:
+    """Removes a group of hooks registered together; also a context manager (removal on exit).
+
+    ``remove()`` is idempotent and removes in reverse registration order.
     """
-    if token is None:
-        return None
-    if isinstance(token, slice):
-        if token.step not in (None, 1):
-            raise ValueError(f"token slice step must be 1, got {token.step}")
-        start, stop = token.start, token.stop
-        if (start is not None and start < 0) or (stop is not None and stop < 0):
-            if seq_lens is None:
-                raise ValueError("negative token slice bounds need the sequence length")
-            lens = seq_lens[:, None]
-            start_t = (lens + start if start is not None and start < 0 else torch.full_like(lens, start or 0))
-            stop_t = (lens + stop if stop is not None and stop < 0 else
-                      torch.full_like(lens, stop if stop is not None else 2**62))
-        else:
-            start_t = torch.full_like(positions[:, :1], start or 0)
-            stop_t = torch.full_like(positions[:, :1], stop if stop is not None else 2**62)
-        return (positions >= start_t) & (positions < stop_t)
-    idx = [token] if isinstance(token, int) else list(token)
-    mask = torch.zeros_like(positions, dtype=torch.bool)
-    for i in idx:
-        if i < 0:
-            if seq_lens is None:
-                raise ValueError("negative token indices need the sequence length")
-            mask |= positions == (seq_lens[:, None] + i)
-        else:
-            mask |= positions == i
-    return mask
 
+    def __init__(self, handles: Iterable[Any] = ()) -> None:
+        self._handles: list[Any] = list(handles)
 
-def _positions(args: tuple, kwargs: dict, h: torch.Tensor) -> torch.Tensor:
-    pos = kwargs.get("position_ids")
-    if pos is None:
-        return torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
-    return pos.to(h.device).expand(h.shape[0], -1)
+    @property
+    def active(self) -> bool:
+        """Whether some hook of this handle is still registered."""
+        return bool(self._handles)
 
-
-HookFn = Callable[..., Any]
-
-
-def make_steering_hook_hf(
-    vector: torch.Tensor,
-    matrix: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
-    token: TokenSpec = None,
-    *,
-    clamp: float | None = None,
-) -> HookFn:
-    """Make a forward pre-hook that steers the residual stream entering a decoder block.
-
-    ``h -> h + h Mᵀ + v`` on the selected token positions (tutorial semantics).
-
-    Args:
-        vector: steering vector ``(d,)``.
-        matrix: ``None`` (additive steering), a dense ``(d, d)`` matrix ``M`` (e.g. from
-            :func:`make_abl_mat` for clamp steering, or the matrix returned by affine optimisation),
-            or a ``(left, right)`` pair of ``(r, d)`` factors with ``M = leftᵀ right``.
-        token: which positions to steer: ``None`` (all), an int, a slice or a list of ints. Negative
-            ints count from the end of the prompt seen in the first (prefill) pass, and stay attached
-            to that token during cached generation.
-        clamp: alternative to ``make_abl_mat``: clamp the projection on ``v̂`` to ``clamp·‖v‖``.
-
-    Returns:
-        A function ``hook(module, args, kwargs)`` to register with ``register_forward_pre_hook(...,
-        with_kwargs=True)``; :func:`hf_hooks_contextmanager` does that for you.
-    """
-    _check_hook_args(vector, matrix, clamp)
-    left = right = dense = None
-    if isinstance(matrix, tuple):
-        left, right = matrix
-    else:
-        dense = matrix
-    state: dict[str, torch.Tensor] = {}
-
-    def hook_fn(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        h = arch.get_hidden_states(args, kwargs)
-        mask = None
-        if token is not None:
-            pos = _positions(args, kwargs, h)
-            if h.shape[1] > 1 or "seq_lens" not in state:
-                # a new sequence (prefill): remember its length so negative indices stay fixed
-                state["seq_lens"] = pos[:, -1] + 1
-            seq_lens = state["seq_lens"]
-            if seq_lens.shape[0] != pos.shape[0]:
-                seq_lens = seq_lens[:1].expand(pos.shape[0])
-            mask = token_mask(token, pos, seq_lens)
-        new_h = steer(h, vector, left=left, right=right, matrix=dense, clamp=clamp, mask=mask)
-        return arch.replace_hidden_states(args, kwargs, new_h)
-
-    hook_fn.steering_vector = vector  # type: ignore[attr-defined]
-    return hook_fn
-
-
-def _check_finite(name: str, t: Any) -> None:
-    if not isinstance(t, torch.Tensor) or t.is_meta or not t.is_floating_point():
-        what = f"a {t.dtype} tensor on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise TypeError(f"`{name}` must be a floating-point torch.Tensor with data, got {what}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"`{name}` contains NaN or infinite values")
-
-
-def _check_hook_args(vector: Any, matrix: Any, clamp: Any) -> None:
-    """Validate make_steering_hook_hf's arguments when the hook is made, not in the middle of a forward."""
-    _check_finite("vector", vector)
-    if vector.dim() != 1:
-        raise ValueError(f"`vector` must have shape (d,), got {tuple(vector.shape)}")
-    d = vector.shape[0]
-    if isinstance(matrix, tuple):
-        if len(matrix) != 2:
-            raise ValueError(f"`matrix` as factors must be a (left, right) pair, got {len(matrix)} items")
-        for name, t in zip(("matrix[0] (left)", "matrix[1] (right)"), matrix):
-            _check_finite(name, t)
-            if t.dim() != 2 or t.shape[1] != d:
-                raise ValueError(f"`{name}` must have shape (r, {d}), got {tuple(t.shape)}")
-        if matrix[0].shape != matrix[1].shape:
-            raise ValueError(f"`matrix` factors must have the same shape (r, {d}), got {tuple(matrix[0].shape)} and "
-                             f"{tuple(matrix[1].shape)}")
-    elif matrix is not None:
-        _check_finite("matrix", matrix)
-        if tuple(matrix.shape) != (d, d):
-            raise ValueError(f"`matrix` must have shape ({d}, {d}) (or be a (left, right) pair of (r, {d}) factors), "
-                             f"got {tuple(matrix.shape)}")
-    if clamp is not None:
-        if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not math.isfinite(clamp):
-            raise ValueError(f"`clamp` must be a finite number or None, got {clamp!r}")
-        if not bool(vector.detach().abs().sum() > 0):
-            raise ValueError("`clamp` steering needs a non-zero `vector` (its direction v/|v| is undefined for "
-                             "a zero vector)")
-
-
-def make_abl_mat(vector: torch.Tensor) -> torch.Tensor:
-    """Dense ``(d, d)`` matrix ``-v̂ v̂ᵀ``: with :func:`make_steering_hook_hf` it gives clamp steering.
-
-    ``make_steering_hook_hf(c * v, make_abl_mat(v))`` maps ``h -> h - (h·v̂) v̂ + c v``.
-    Raises ``ValueError`` for a zero vector (the reference implementation returned NaNs).
-    """
-    v = vector.detach()
-    n2 = (v.float() ** 2).sum()
-    if not torch.isfinite(n2) or n2 == 0:
-        raise ValueError("make_abl_mat: `vector` must be finite and non-zero")
-    return (-torch.outer(v.float(), v.float()) / n2).to(v.dtype)
-
-
-@contextlib.contextmanager
-def hf_hooks_contextmanager(
-    model: nn.Module,
-    hook_infos: Sequence[tuple[int, HookFn]],
-    *,
-    site: str = "decoder_block",
-    layer_config: arch.LayerConfig = None,
-) -> Iterator[None]:
-    """Run ``model`` with forward pre-hooks ``[(layer, hook_fn), ...]``; always removes them.
-
-    Hooks with signature ``hook(module, args, kwargs)`` (as made by :func:`make_steering_hook_hf`)
-    are registered with ``with_kwargs=True``; plain ``hook(module, args)`` hooks (reference-library
-    style, returning the new hidden states) are also accepted.
-    """
-    if isinstance(hook_infos, (str, bytes)) or not isinstance(hook_infos, Iterable):
-        raise TypeError(f"`hook_infos` must be a list of (layer, hook) pairs, got {type(hook_infos).__name__}")
-    hook_infos = list(hook_infos)
-    for i, item in enumerate(hook_infos):
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(f"`hook_infos[{i}]` must be a (layer, hook) pair, got {item!r:.60}")
-        if not callable(item[1]):
-            raise TypeError(f"`hook_infos[{i}]`: the hook must be callable, got {type(item[1]).__name__}")
-    # locate every module (and check vector widths) before registering anything: a bad entry registers nothing
-    modules = [arch.get_site_module(model, layer, site, layer_config) for layer, _ in hook_infos]
-    for i, (_, fn) in enumerate(hook_infos):
-        vec = getattr(fn, "steering_vector", None)
-        if isinstance(vec, torch.Tensor) and vec.shape[-1] != arch.hidden_size(model):
-            raise ValueError(f"`hook_infos[{i}]`: the hook's vector has size {vec.shape[-1]}, but the model's hidden "
-                             f"size is {arch.hidden_size(model)}")
-    handles = []
-    try:
-        for module, (_, fn) in zip(modules, hook_infos):
-            handles.append(_register_pre_hook(module, fn))
-        yield
-    finally:
-        for h in handles:
+    def remove(self) -> None:
+        """Remove every hook of this handle (a second call does nothing)."""
+        handles, self._handles = self._handles, []
+        for h in reversed(handles):
             h.remove()
 
+    def __enter__(self) -> HookHandle:
+        return self
 
-def _register_pre_hook(module: nn.Module, fn: HookFn) -> torch.utils.hooks.RemovableHandle:
-    import inspect
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
 
+
+def attach(hooks: Iterable[HookSpec]) -> HookHandle:
+    """Register hooks ``[(module, fn, kind), ...]`` and return one :class:`HookHandle` removing them all.
+
+    Every spec is checked before the first hook is registered; if a registration fails half-way, the
+    hooks already added are removed before the error propagates. Use as ``with attach(specs): ...`` or
+    keep the handle and call ``.remove()``.
+    """
+    specs = list(hooks)
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, tuple) or len(spec) != 3:
+            raise TypeError(f"hook spec {i} must be a (module, fn, kind) tuple, got {spec!r:.80}")
+        module, fn, kind = spec
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"hook spec {i}: expected a torch.nn.Module, got {type(module).__name__}")
+        if not callable(fn):
+            raise TypeError(f"hook spec {i}: the hook must be callable, got {type(fn).__name__}")
+        if kind not in HOOK_KINDS:
+            raise ValueError(f"hook spec {i}: kind must be one of {HOOK_KINDS}, got {kind!r}")
+    handle = HookHandle()
     try:
-        n_params = len(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        n_params = 3
-    if n_params >= 3:
-        return module.register_forward_pre_hook(fn, with_kwargs=True)
+        for module, fn, kind in specs:
+            if kind == "pre":
+                handle._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            else:
+                handle._handles.append(module.register_forward_hook(fn))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
 
-    def adapter(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        out = fn(mod, args)
-        if out is None:
+
+#: ``fn(activation (b, s, d), position_ids (b, s) or None) -> new activation, or None to leave it``.
+SiteFn = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+def site_kind(layer_type: str) -> str:
+    """The hook kind at which ``layer_type`` is read and steered: ``"pre"`` (block input) for
+    ``decoder_block``, ``"post"`` (module output) for every other site."""
+    return "pre" if layer_type == "decoder_block" else "post"
+
+
+def site_hook(module: nn.Module, layer_type: str, fn: SiteFn) -> HookSpec:
+    """The hook spec running ``fn`` on the activation of ``module`` at the site convention of ``layer_type``.
+
+    ``decoder_block``: ``fn`` sees (and may replace) the residual stream *entering* the block and the
+    block's ``position_ids``. Every other site: ``fn`` sees (and may replace) the module's output, with
+    ``position_ids=None``. Used for steering and reading alike, so a vector read at a site is applied at
+    the very same tensor.
+    """
+    if site_kind(layer_type) == "pre":
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            out = fn(arch.get_hidden_states(args, kwargs), kwargs.get("position_ids"))
+            return None if out is None else arch.replace_hidden_states(args, kwargs, out)
+
+        return module, pre_hook, "pre"
+
+    def post_hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+        out = fn(arch.get_output_hidden_states(output), None)
+        return None if out is None else arch.replace_output_hidden_states(output, out)
+
+    return module, post_hook, "post"
+
+
+# ------------------------------------------------------------------------------------------- capture
+
+K = TypeVar("K", bound=Hashable)
+
+
+class _StopForward(Exception):
+    """Raised by :func:`capture`'s hooks once every requested activation is read (ends the forward)."""
+
+    def __init__(self, owner: object) -> None:
+        super().__init__("forward stopped after the last captured module")
+        self.owner = owner
+
+
+def capture(
+    forward: Callable[[], Any],
+    points: Mapping[K, tuple[nn.Module, str]],
+    *,
+    read: Callable[[K, torch.Tensor], Any] | None = None,
+    hooks: Iterable[HookSpec] = (),
+) -> dict[K, Any]:
+    """Run ``forward()`` and capture activations; the forward stops once the last one is read.
+
+    Args:
+        forward: runs the model once, e.g. ``lambda: model(input_ids=ids, use_cache=False)``.
+        points: ``{key: (module, kind)}``: ``"pre"`` reads the module's hidden-state *input* (the residual
+            stream entering a block; the module itself does not run when it is the last point),
+            ``"post"`` its hidden-state *output* (see :func:`site_kind` for a site's kind).
+        read: ``read(key, activation (b, s, d)) -> value`` stored instead of the activation (e.g. select
+            some rows/positions, ``.detach().cpu()``); default: the activation itself, not detached, so
+            gradients flow when they are enabled.
+        hooks: more hook specs (e.g. steering) attached for this forward only.
+
+    Returns:
+        ``{key: value}`` for the points that ran (the first time each ran); a point whose module never
+        ran is missing — callers that need all of them check. All hooks are removed on return, also on
+        errors; ``forward``'s result is discarded.
+    """
+    owner = object()
+    out: dict[K, Any] = {}
+    n = len(points)
+
+    def store(key: K, h: torch.Tensor) -> None:
+        if key not in out:
+            out[key] = h if read is None else read(key, h)
+        if len(out) == n:
+            raise _StopForward(owner)
+
+    def make(key: K, module: nn.Module, kind: str) -> HookSpec:
+        if kind == "pre":
+            return module, lambda m, args, kwargs: store(key, arch.get_hidden_states(args, kwargs)), "pre"
+        if kind == "post":
+            return module, lambda m, args, output: store(key, arch.get_output_hidden_states(output)), "post"
+        raise ValueError(f"capture point {key!r}: kind must be one of {HOOK_KINDS}, got {kind!r}")
+
+    specs = [*hooks, *(make(key, module, kind) for key, (module, kind) in points.items())]
+    with attach(specs):
+        try:
+            forward()
+        except _StopForward as e:
+            if e.owner is not owner:  # another capture's stop, nested inside ours
+                raise
+    return out
+
+
+# ----------------------------------------------------------------------------------- token positions
+
+#: Positions to steer: int(s) (negative: from the end of the prompt), a slice, or a 1-D bool/float mask.
+TokenIndices = int | Sequence[int] | slice | torch.Tensor | None
+INJECTION_MODES: tuple[str, ...] = ("all", "first", "last", "generated")
+
+
+def _cache_len(cache: Any) -> int:
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if callable(get):
+        try:
+            return int(get())
+        except Exception:  # caches of unusual layouts: assume nothing cached
+            return 0
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        first = cache[0][0]
+        return int(first.shape[-2]) if isinstance(first, torch.Tensor) else 0
+    return 0
+
+
+class SequenceTracker:
+    """Forward pre-hook on the whole model: where the current forward's tokens sit in their sequence.
+
+    For each forward it records ``positions`` ``(b, n)`` (the ``position_ids`` passed to the model, else
+    ``past_length + arange(n)``, as the model computes them), ``real`` ``(b, n)`` (the attention mask's
+    columns for these tokens, or None) and, per row, ``prompt_start`` / ``prompt_end`` (first position
+    / one past the last position of the real tokens of the *prompt*).
+
+    A forward is the next step of a generation (and keeps the prompt bounds) when it has a non-empty KV
+    cache, or when its ``input_ids`` are longer than the prompt's and start with them (``generate`` with
+    ``use_cache=False`` re-feeds the whole sequence; beam reordering keeps each row's prompt); any other
+    forward starts a new prompt. Hence "last prompt token", "generated tokens" and negative indices
+    select the same tokens with and without a KV cache. Attach it with ``(model, tracker, "pre")``.
+    """
+
+    def __init__(self) -> None:
+        self.positions: torch.Tensor | None = None
+        self.real: torch.Tensor | None = None
+        self.prompt_start: torch.Tensor | None = None
+        self.prompt_end: torch.Tensor | None = None
+        self._prompt_ids: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
+            self.positions = self.real = self.prompt_start = self.prompt_end = self._prompt_ids = None
+            return
+        b, n = int(ref.shape[0]), int(ref.shape[1])
+        past = _cache_len(kwargs.get("cache", kwargs.get("past_key_values")))
+        pos = kwargs.get("position_ids")
+        if not (isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == n and pos.shape[0] in (1, b)):
+            pos = torch.arange(past, past + n, device=ref.device)[None]
+        pos = pos.to(ref.device).long().expand(b, n)
+        mask = kwargs.get("attention_mask")
+        real = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= n:
+            real = mask[:, mask.shape[1] - n:].to(ref.device).bool()
+        prompt = self._prompt_ids
+        continuation = past > 0 or (
+            ids is not None and prompt is not None and prompt.shape[0] == b and n > prompt.shape[1]
+            and torch.equal(ids[:, : prompt.shape[1]], prompt.to(ids.device)))
+        if not continuation or self.prompt_end is None or self.prompt_end.shape[0] != b:
+            self.prompt_start, self.prompt_end = _bounds(pos, real)
+            self._prompt_ids = ids.detach().clone() if ids is not None and ids.dim() == 2 and past == 0 else None
+        self.positions, self.real = pos, real
+
+
+def _bounds(pos: torch.Tensor, real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: first position and one past the last position of the real tokens (all if none are real)."""
+    if real is not None:
+        real = real & real.any(dim=1, keepdim=True) | ~real.any(dim=1, keepdim=True)
+        start = pos.masked_fill(~real, 2**62).min(dim=1).values
+        end = pos.masked_fill(~real, -1).max(dim=1).values + 1
+        return start, end
+    return pos.min(dim=1).values, pos.max(dim=1).values + 1
+
+
+def current_positions(h: torch.Tensor, position_ids: torch.Tensor | None,
+                      tracker: SequenceTracker | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(positions (b, s), prompt_start (b,), prompt_end (b,))`` for activations ``h`` ``(b, s, d)``.
+
+    Positions come from the block's ``position_ids``, else from the tracker, else ``arange(s)``; the
+    prompt bounds from the tracker, else from these positions (the forward is taken as a whole prompt).
+    """
+    b, n = int(h.shape[0]), int(h.shape[1])
+    candidates = (position_ids, tracker.positions if tracker is not None else None)
+    pos = next((c for c in candidates if isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[-1] == n
+                and c.shape[0] in (1, b)), None)
+    pos = torch.arange(n, device=h.device)[None] if pos is None else pos
+    pos = pos.to(h.device).long().expand(b, n)
+    if tracker is not None and tracker.prompt_end is not None and tracker.prompt_end.shape[0] == b:
+        return pos, tracker.prompt_start.to(h.device), tracker.prompt_end.to(h.device)
+    start, end = _bounds(pos, None)
+    return pos, start, end
+
+
+class TokenSelection:
+    """Which token positions to steer (validated once, evaluated at every forward by :meth:`mask`).
+
+    Args:
+        min_token_index: steer only positions ``>= min_token_index``.
+        token_indices: ``None`` (no restriction); an int or a sequence of ints (negative ints count from
+            the end of the prompt); a slice with step 1 (negative bounds likewise); a 1-D bool mask
+            ``(seq,)`` indexed by position; or a 1-D float tensor ``(seq,)`` of per-position weights.
+        injection_mode: ``"all"``, ``"first"`` (the prompt's first token), ``"last"`` (the prompt's last
+            token and every later one) or ``"generated"`` (positions after the prompt).
+        name: the argument name used for ``token_indices`` in error messages.
+
+    All criteria combine with AND. Raises ``TypeError`` / ``ValueError`` on bad arguments.
+    """
+
+    def __init__(self, min_token_index: int = 0, token_indices: TokenIndices = None, injection_mode: str = "all",
+                 *, name: str = "token_indices"):
+        if isinstance(min_token_index, bool) or not isinstance(min_token_index, numbers.Integral) \
+                or min_token_index < 0:
+            raise ValueError(f"`min_token_index` must be an int >= 0, got {min_token_index!r}")
+        if injection_mode not in INJECTION_MODES:
+            raise ValueError(f"`injection_mode` must be one of {INJECTION_MODES}, got {injection_mode!r}")
+        self.min_token_index = int(min_token_index)
+        self.injection_mode = injection_mode
+        self.indices: torch.Tensor | None = None
+        self.slice: slice | None = None
+        self.weights: torch.Tensor | None = None
+        ti = token_indices
+        if ti is None:
+            pass
+        elif isinstance(ti, slice):
+            for part, bound in (("start", ti.start), ("stop", ti.stop)):
+                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, numbers.Integral)):
+                    raise TypeError(f"`{name}` slice {part} must be an int or None, got {bound!r}")
+            if ti.step not in (None, 1):
+                raise ValueError(f"`{name}` slice step must be 1 (or None), got {ti.step!r}")
+            self.slice = ti
+        elif isinstance(ti, torch.Tensor) and (ti.dtype == torch.bool or ti.is_floating_point()):
+            if ti.dim() != 1:
+                raise ValueError(f"`{name}` as a mask must be 1-D (seq,), got shape {tuple(ti.shape)}")
+            self.weights = ti.detach()
+        elif isinstance(ti, str):
+            raise TypeError(f"`{name}` must be an int, a sequence of ints, a slice or a 1-D tensor, not a str"
+                            " (for token modes use injection_mode='first'/'last'/'generated')")
+        else:
+            items = [ti] if isinstance(ti, numbers.Integral) else ti
+            try:
+                idx = torch.as_tensor(items if isinstance(items, torch.Tensor) else list(items))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"`{name}` must be an int, a sequence of ints, a slice or a 1-D tensor; "
+                                f"got {type(ti).__name__}") from e
+            if idx.dim() > 1 or idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
+                raise TypeError(f"`{name}` must hold ints, got {idx.dtype} of shape {tuple(idx.shape)}")
+            self.indices = idx.reshape(-1).long()
+
+    @property
+    def selects_all(self) -> bool:
+        """True when every position is selected (:meth:`mask` returns None)."""
+        return (self.min_token_index == 0 and self.injection_mode == "all" and self.indices is None
+                and self.slice is None and self.weights is None)
+
+    def mask(self, pos: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor | None:
+        """Bool ``(b, s)`` (or float weights) of the positions to steer; None means all of them.
+
+        Args:
+            pos: absolute token positions ``(b, s)``.
+            start, end: per row ``(b,)``, the prompt's first position and one past its last one (negative
+                indices and slice bounds count back from ``end``).
+        """
+        if self.selects_all:
             return None
-        new_h = out[0] if isinstance(out, tuple) else out
-        return arch.replace_hidden_states(args, kwargs, new_h)
+        m = pos >= self.min_token_index
+        mode = self.injection_mode
+        if mode == "first":
+            m &= pos == start[:, None]
+        elif mode == "last":
+            m &= pos >= end[:, None] - 1
+        elif mode == "generated":
+            m &= pos >= end[:, None]
+        if self.slice is not None:
+            def bound(x: int | None, default: int) -> torch.Tensor:
+                if x is None:
+                    return torch.full_like(end[:, None], default)
+                return end[:, None] + x if x < 0 else torch.full_like(end[:, None], x)
 
-    return module.register_forward_pre_hook(adapter, with_kwargs=True)
+            m &= (pos >= bound(self.slice.start, 0)) & (pos < bound(self.slice.stop, 2**62))
+        if self.indices is not None:
+            idx = self.indices.to(pos.device)[None, :]
+            targets = torch.where(idx < 0, end[:, None] + idx, idx)  # (b, k)
+            m &= (pos[..., None] == targets[:, None, :]).any(-1)
+        if self.weights is not None:
+            w = self.weights.to(pos.device)
+            inside = pos < w.shape[0]
+            vals = w[pos.clamp(0, w.shape[0] - 1)]
+            if w.dtype == torch.bool:
+                return m & inside & vals
+            return torch.where(inside & m, vals, torch.zeros_like(vals))
+        return m
+
+
+# ------------------------------------------------------------------------------------------- padding
+
+
+def pad_token_id(tokenizer: Any, model: nn.Module | None = None) -> int:
+    """The id to pad with: the tokenizer's pad (else EOS) token, else the model's generation config's /
+    config's, else 0. Padded positions are masked out, so the choice never changes a result."""
+    for src in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
+        for attr in ("pad_token_id", "eos_token_id"):
+            val = getattr(src, attr, None) if src is not None else None
+            if isinstance(val, (list, tuple)):
+                val = val[0] if val else None
+            if isinstance(val, int):
+                return val
+    return 0
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right",
+                  width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into one batch.
+
+    Args:
+        seqs: ``b`` lists of token ids (any lengths, at least one sequence).
+        pad_id: the id written at padded positions.
+        side: ``"right"`` (tokens first) or ``"left"`` (padding first, as for generation).
+        width: the padded length (default: the longest sequence; must not be shorter).
+
+    Returns:
+        ``(input_ids, attention_mask)``, both ``(b, width)`` int64 on the CPU; the mask is 1 on real tokens.
+        With left padding row ``r``'s tokens start at column ``width - len(seqs[r])``.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"`side` must be 'left' or 'right', got {side!r}")
+    lengths = [len(s) for s in seqs]
+    longest = max(lengths, default=0)
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"`width`={width} is shorter than the longest sequence ({longest} tokens)")
+    ids = torch.full((len(lengths), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for r, (s, n) in enumerate(zip(seqs, lengths)):
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[r, cols] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[r, cols] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------- freezing
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import TrainingDatapoint
+from .fsutil import atomic_write_file
 
 __all__ = [
     "CONTRAST_PAIR_KEYS",
@@ -272,8 +273,6 @@ def datapoint_to_json(dp: TrainingDatapoint) -> dict[str, Any]:
 
 def write_datapoints(datapoints: Iterable[TrainingDatapoint], path: str | os.PathLike[str]) -> Path:
     """Write datapoints as JSONL, atomically (temporary file + rename)."""
-    from .persist import atomic_write_file
-
     lines = [json.dumps(datapoint_to_json(dp), ensure_ascii=False) for dp in datapoints]
 
     def write(tmp: Path) -> None:

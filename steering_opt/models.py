@@ -17,14 +17,11 @@ in the HuggingFace cache); nothing is downloaded when the hub cannot be reached.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,8 @@ from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .fsutil import atomic_write_dir, atomic_write_file, remove_stale_temporaries, sha256_file, write_text_synced
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",
@@ -154,14 +153,6 @@ def embedded_gguf_path() -> Path:
     )
 
 
-def _sha256(path: Path, chunk_size: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_fingerprint(gguf: Path) -> dict[str, Any]:
     return {"file": gguf.name, "size": gguf.stat().st_size}
 
@@ -225,7 +216,7 @@ def is_cache_valid(folder: str | os.PathLike[str], *, full: bool = False) -> boo
             if not path.is_file() or path.stat().st_size != info["size"]:
                 logger.info("cache file %s is missing or has the wrong size", path)
                 return False
-            if full and _sha256(path) != info["sha256"]:
+            if full and sha256_file(path) != info["sha256"]:
                 logger.info("cache file %s has the wrong sha256", path)
                 return False
     except FileNotFoundError:
@@ -266,7 +257,7 @@ def _write_cache_files(
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         path.chmod(0o644)
         rel = path.relative_to(folder).as_posix()
-        files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {
         "version": MANIFEST_VERSION,
         "model": EMBEDDED_MODEL_NAME,
@@ -274,47 +265,8 @@ def _write_cache_files(
         "files": files,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp_manifest = folder / (MANIFEST_FILE + ".part")
-    with tmp_manifest.open("w") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_manifest, folder / MANIFEST_FILE)
-
-
-def _remove_stale_tmp(parent: Path) -> None:
-    """Remove temporary build folders left behind by crashed builds (older than an hour)."""
-    now = time.time()
-    for p in parent.glob(f".{EMBEDDED_CACHE_NAME}.*"):
-        try:
-            if p.is_dir() and now - p.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _install_cache(tmp: Path, final: Path) -> None:
-    """Rename the finished build folder ``tmp`` to ``final``, replacing an invalid old cache."""
-    for _attempt in range(3):
-        try:
-            os.replace(tmp, final)
-            return
-        except OSError:
-            if not final.exists():
-                raise
-            if is_cache_valid(final, full=True):
-                # Another process finished a valid cache first: keep it, drop ours. (Full check: the
-                # folder may be one whose sizes match but whose contents failed to load.)
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            # An invalid (partial / corrupt / outdated) cache is in the way: move it aside, delete it.
-            trash = final.parent / f".{EMBEDDED_CACHE_NAME}.trash-{os.getpid()}-{time.monotonic_ns()}"
-            try:
-                os.replace(final, trash)
-            except FileNotFoundError:
-                continue
-            shutil.rmtree(trash, ignore_errors=True)
-    os.replace(tmp, final)
+    atomic_write_file(folder / MANIFEST_FILE, lambda tmp: write_text_synced(tmp, json.dumps(manifest, indent=2)),
+                      mode=0o644)
 
 
 def build_embedded_cache(
@@ -330,16 +282,18 @@ def build_embedded_cache(
         model, tokenizer = _load_gguf(gguf)
     final = embedded_cache_path()
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_CACHE_NAME}.tmp-", dir=final.parent))
-    try:
-        start = time.perf_counter()
-        _write_cache_files(model, tokenizer, tmp, _source_fingerprint(gguf))
-        _install_cache(tmp, final)
-        logger.info("wrote model cache %s in %.1f s", final, time.perf_counter() - start)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    remove_stale_temporaries(final, max_age_s=_STALE_TMP_SECONDS)
+    source = _source_fingerprint(gguf)
+    start = time.perf_counter()
+
+    def build(folder: Path) -> None:
+        assert model is not None and tokenizer is not None
+        _write_cache_files(model, tokenizer, folder, source)
+
+    # Another process may finish a valid cache first: keep it and drop ours. (Full check: the folder may be one
+    # whose sizes match but whose contents failed to load.) An invalid one in the way is replaced.
+    atomic_write_dir(final, build, keep_existing=lambda folder: is_cache_valid(folder, full=True))
+    logger.info("wrote model cache %s in %.1f s", final, time.perf_counter() - start)
     return final
 
 

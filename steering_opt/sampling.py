@@ -1,7 +1,7 @@
 """Completion log-probabilities and a beam search for the most likely completions.
 
-Both run whatever hooks are active on the model (e.g. inside ``hf_hooks_contextmanager``), so they
-measure the steered model when called under steering.
+Both run whatever hooks are active on the model (e.g. inside ``SteeringVector.apply`` or
+``hf_hooks_contextmanager``), so they measure the steered model when called under steering.
 """
 
 from __future__ import annotations
@@ -38,10 +38,6 @@ def _check_coldness(coldness: Any) -> None:
     if isinstance(coldness, bool) or not isinstance(coldness, (int, float)) or not math.isfinite(coldness) \
             or coldness <= 0:
         raise ValueError(f"`coldness` must be a positive finite number, got {coldness!r}")
-
-
-def _device(model: nn.Module) -> torch.device:
-    return arch.input_device(model) if hasattr(model, "get_input_embeddings") else next(model.parameters()).device
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -86,7 +82,7 @@ def get_completion_logprob(
         raise ValueError("`completion` tokenises to zero tokens")
     if hasattr(model, "config"):
         arch.check_context_length(model, len(p_ids) + len(c_ids), "`prompt` + `completion`")
-    ids = torch.tensor([p_ids + c_ids], device=_device(model))
+    ids = torch.tensor([p_ids + c_ids], device=arch.input_device(model))
     logits = _logits(model, ids)[0, len(p_ids) - 1: -1]
     lp = torch.log_softmax(logits.float() * coldness, dim=-1).gather(
         -1, torch.tensor(c_ids, device=logits.device)[:, None])[:, 0]
@@ -141,7 +137,7 @@ def sample_most_likely_completions_hf(
     if src_prompt is not None:
         _check_text("src_prompt", src_prompt)
     _check_coldness(coldness)
-    dev = _device(model)
+    dev = arch.input_device(model)
     dst = _encode(tokenizer, dst_prompt, special=True)
     src = _encode(tokenizer, src_prompt, special=True) if src_prompt is not None else None
     for name, ids in (("dst_prompt", dst), ("src_prompt", src)):

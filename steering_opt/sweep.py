@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from . import arch
+from .contrastive import contrastive_vector
 from .data import TrainingDatapoint, _encode
-from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, Prompt, _check_prompts, format_prompt
-from .hooks import frozen_model
+from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, Prompt, check_prompts, format_prompt
+from .hooks import capture, frozen_model
 from .optimize import optimize_vector
 from .plots import _figure_and_ax, _finish
 from .scorers import get_scorer
@@ -152,40 +153,22 @@ def residual_norms(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], 
     A natural unit for steering strengths: a vector whose norm is a fraction of this barely moves the
     model, one several times larger overwrites the stream.
     """
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     resolved = [arch.resolve_layer(model, x, name="layers") for x in layers]
     dev = arch.input_device(model)
     acc: dict[int, list[torch.Tensor]] = {x: [] for x in resolved}
-    last = max(resolved)
+    points = {x: (arch.get_site_module(model, x), "pre") for x in resolved}
 
-    def grab(layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            h = arch.get_hidden_states(args, kwargs)[0, 1:].float()
-            if h.shape[0]:
-                acc[layer].append(h.norm(dim=-1).cpu())
-            if layer == last:
-                raise _Stop
-
-        return hook
+    def norms(_: int, h: torch.Tensor) -> torch.Tensor:
+        return h[0, 1:].float().norm(dim=-1).cpu()  # (seq - 1,): position 0 excluded
 
     with frozen_model(model):
-        handles = [arch.get_site_module(model, x).register_forward_pre_hook(grab(x), with_kwargs=True)
-                   for x in resolved]
-        try:
-            for p in prompts:
-                ids = _encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True)
-                try:
-                    model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
+        for p in prompts:
+            ids = torch.tensor([_encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True)], device=dev)
+            for x, n in capture(lambda ids=ids: model(input_ids=ids, use_cache=False), points, read=norms).items():
+                if n.shape[0]:
+                    acc[x].append(n)
     return {x: float(torch.cat(v).median()) if v else math.nan for x, v in acc.items()}
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early (the rest of the model is not needed)."""
 
 
 def _default_layers(model: nn.Module) -> list[int]:
@@ -332,9 +315,7 @@ def _variants(max_norms: Sequence[float | None], clamps: Sequence[float]) -> lis
 
 def _contrastive_vector(model: nn.Module, tokenizer: Any, train: Sequence[Any], layer: int,
                         kwargs: dict[str, Any]) -> SteeringVector:
-    from .contrastive import train_steering_vector  # written alongside; imported lazily
-
-    return train_steering_vector(model, tokenizer, list(train), layers=[layer], **kwargs)
+    return contrastive_vector(model, tokenizer, list(train), layers=[layer], **kwargs)
 
 
 def _cap(vec: SteeringVector, opts: dict[str, Any]) -> SteeringVector:
@@ -380,7 +361,7 @@ def sweep(
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.
         train: ``TrainingDatapoint`` list (``method="optimize"``) or contrastive pairs
-            (``method="contrastive"``: passed to ``steering_opt.contrastive.train_steering_vector``).
+            (``method="contrastive"``: passed to ``steering_opt.contrastive.contrastive_vector``).
         layers: block indices (default: 15%, 25%, 35%, 45% of the depth).
         multipliers: strengths to try (the vector is scaled by each).
         max_norms: norm caps (``None`` = no cap); each is one variant. Optimised vectors are optimised
@@ -402,7 +383,7 @@ def sweep(
         generate: generate validation texts (``"auto"``: only with a scorer).
         max_new_tokens, batch_size: generation settings.
         optimize_kwargs: extra ``optimize_vector`` arguments (default :data:`DEFAULT_OPTIMIZE_KWARGS`).
-        contrastive_kwargs: extra ``train_steering_vector`` arguments.
+        contrastive_kwargs: extra :func:`~steering_opt.contrastive.contrastive_vector` arguments.
         time_budget_s: soft limit (s): no new (layer, variant) is started once the elapsed time plus
             the measured cost of one more would exceed it; at least one is always measured.
         seed: seeds the split and the optimiser.
@@ -458,7 +439,7 @@ def sweep(
         chat = False
     val_chat = bool(chat)
     if validation_prompts is not None:
-        val_prompts = _check_prompts(validation_prompts, "validation_prompts")
+        val_prompts = check_prompts(validation_prompts, "validation_prompts")
     elif datapoints and len(train_items) >= 2:
         train_items, held = split_train_validation(train_items, val_fraction, seed=seed)
         val_prompts = [dp.prompt for dp in held]
@@ -591,7 +572,7 @@ def auto_steer(
     layer_list = _default_layers(model) if layers is None else [
         arch.resolve_layer(model, x, name="layers") for x in _check_numbers("layers", layers)]
     chat = all(looks_like_chat(tokenizer, dp.prompt) for dp in datapoints)
-    val = _check_prompts(validation_prompts, "validation_prompts") if validation_prompts is not None else \
+    val = check_prompts(validation_prompts, "validation_prompts") if validation_prompts is not None else \
         list(GENERIC_CHAT_PROMPTS if chat else GENERIC_PROMPTS)
 
     # stage 1: cheap log-prob signal over the grid (one sweep per layer so norm caps can be per-layer)
@@ -739,3 +720,4 @@ def plot_success_vs_strength(result: SweepResult, metric: str | None = None, *, 
     ax.set_title(title or f"{metric} vs strength")
     ax.legend(fontsize=8)
     return _finish(fig, save_path)
+__import__("steering_opt.util").util.make_module_callable(__name__)  # calling the module calls sweep()

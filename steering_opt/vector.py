@@ -14,8 +14,8 @@ Token positions are read from the ``position_ids`` the model receives, and a mod
 KV cache.
 
 Also here: :func:`resolve_site_module` (the one site lookup, including steering-vectors style
-``layer_config`` dicts) and :func:`register_site_hook` (the one place that knows that ``decoder_block``
-is read/steered at the block *input* and every other site at the module *output*).
+``layer_config`` dicts). The hooks themselves (registration, site convention, token selection) are in
+:mod:`steering_opt.hooks`.
 """
 
 from __future__ import annotations
@@ -31,14 +31,23 @@ import torch
 from torch import nn
 
 from . import arch
-from .hooks import steer
+from .hooks import (
+    HookHandle,
+    HookSpec,
+    SequenceTracker,
+    SiteFn,
+    TokenIndices,
+    TokenSelection,
+    attach,
+    current_positions,
+    site_hook,
+    steer,
+)
 
 #: ``operator(activation (b, s, d), vector (d,)) -> delta (b, s, d) or (d,)`` added to the activation.
 Operator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: A number, or a zero-argument callable returning the number (read at every forward).
 Multiplier = float | Callable[[], float]
-#: Positions to steer: int(s) (negative: from the end of the prompt), a slice, or a 1-D bool/float mask.
-TokenIndices = int | Sequence[int] | slice | torch.Tensor | None
 #: ``arch.LayerConfig`` (template / callable naming the module) or ``{layer_type: template or callable}``.
 SiteConfig = arch.LayerConfig | Mapping[str, Any]
 
@@ -219,13 +228,15 @@ class SteeringVector:
             if self.clamp is not None and not bool(v.abs().sum() > 0):
                 raise ValueError(f"clamp steering needs a non-zero vector, but layer {layer}'s vector is zero")
 
-    def patch(self, model: nn.Module, multiplier: Multiplier = 1.0, min_token_index: int = 0,
-              token_indices: TokenIndices = None, operator: Operator | None = None,
-              layer_config: SiteConfig = None, *, injection_mode: str = "all") -> _Handle:
-        """Register the steering hooks on ``model`` and return a handle whose ``.remove()`` undoes it.
+    def hook_specs(self, model: nn.Module, multiplier: Multiplier = 1.0, min_token_index: int = 0,
+                   token_indices: TokenIndices = None, operator: Operator | None = None,
+                   layer_config: SiteConfig = None, *, injection_mode: str = "all") -> list[HookSpec]:
+        """The hooks that steer ``model`` with this vector, as specs for :func:`steering_opt.hooks.attach`
+        (nothing is registered). Arguments as in :meth:`apply`.
 
-        Arguments as in :meth:`apply`. Everything is checked, and every module located, before the first
-        hook is registered; if registration fails half-way the hooks already added are removed.
+        Everything is checked, and every module located, here: attaching the specs cannot fail on a bad
+        argument. Returns a model-level :class:`~steering_opt.hooks.SequenceTracker` followed by one site
+        hook per layer.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -233,7 +244,7 @@ class SteeringVector:
             raise ValueError(f"this steering vector has hidden size {self.hidden_size}, the model "
                              f"{arch.model_fingerprint(model).get('name_or_path') or type(model).__name__} "
                              f"has {arch.hidden_size(model)}")
-        _check_multiplier(multiplier)
+        check_multiplier(multiplier)
         self.check_values()
         if self.clamp is not None and not callable(multiplier) and multiplier == 0:
             raise ValueError("`multiplier` must be non-zero for a clamp steering vector (its direction is v/|v|)")
@@ -246,19 +257,24 @@ class SteeringVector:
                 raise ValueError(f"`operator` only applies to additive steering vectors; this one is {self.kind!r}")
         targets = [(layer, resolve_site_module(model, layer, self.layer_type, layer_config)) for layer in self.layers]
         tracker = SequenceTracker()
-        handles: list[Any] = []
-        try:
-            handles.append(model.register_forward_pre_hook(tracker, with_kwargs=True))
-            for layer, module in targets:
-                factors = self.affine.get(layer) if self.affine else None
-                fn = _make_apply(self.layer_activations[layer], multiplier, self.clamp, factors, selection,
-                                 operator, tracker)
-                handles.append(register_site_hook(module, self.layer_type, fn))
-        except BaseException:
-            for h in handles:
-                h.remove()
-            raise
-        return _Handle(handles)
+        specs: list[HookSpec] = [(model, tracker, "pre")]
+        for layer, module in targets:
+            factors = self.affine.get(layer) if self.affine else None
+            fn = _make_apply(self.layer_activations[layer], multiplier, self.clamp, factors, selection, operator,
+                             tracker)
+            specs.append(site_hook(module, self.layer_type, fn))
+        return specs
+
+    def patch(self, model: nn.Module, multiplier: Multiplier = 1.0, min_token_index: int = 0,
+              token_indices: TokenIndices = None, operator: Operator | None = None,
+              layer_config: SiteConfig = None, *, injection_mode: str = "all") -> HookHandle:
+        """Register the steering hooks on ``model`` and return a handle whose ``.remove()`` undoes it.
+
+        Arguments as in :meth:`apply`. Everything is checked, and every module located, before the first
+        hook is registered; if registration fails half-way the hooks already added are removed.
+        """
+        return attach(self.hook_specs(model, multiplier, min_token_index, token_indices, operator, layer_config,
+                                      injection_mode=injection_mode))
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, multiplier: Multiplier = 1.0, min_token_index: int = 0,
@@ -295,24 +311,6 @@ class SteeringVector:
             yield self
         finally:
             handle.remove()
-
-
-class _Handle:
-    """Removes the hooks of one :meth:`SteeringVector.patch` call (also a context manager)."""
-
-    def __init__(self, handles: list[Any]):
-        self._handles = handles
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> _Handle:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
 
 
 # ------------------------------------------------------------------------------ sites
@@ -378,225 +376,21 @@ def _path_selector(fn: Callable[[int], str]) -> Callable[[nn.Module, int], nn.Mo
     return select
 
 
-#: ``fn(activation (b, s, d), position_ids (b, s) or None) -> new activation, or None to leave it``.
-SiteFn = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
+# ------------------------------------------------------------------------------ steering functions
 
 
-def register_site_hook(module: nn.Module, layer_type: str, fn: SiteFn) -> torch.utils.hooks.RemovableHandle:
-    """Hook ``fn`` at the site convention of ``layer_type``; returns the removable handle.
+def check_multiplier(multiplier: Any, *, allow_callable: bool = True) -> Multiplier:
+    """Check a steering multiplier and return it (a number as ``float``; a callable, when allowed, as is).
 
-    ``decoder_block``: a forward pre-hook on the block, ``fn`` sees (and may replace) the residual stream
-    *entering* it (``hidden_states[L]``) and the block's ``position_ids``. Every other site: a forward
-    hook, ``fn`` sees (and may replace) the module's output. Used for steering and reading alike, so a
-    vector read at a site is applied at the very same tensor.
+    Raises:
+        TypeError: ``multiplier`` is not a finite real number (nor, with ``allow_callable``, a callable).
     """
-    if layer_type == "decoder_block":
-
-        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            h = arch.get_hidden_states(args, kwargs)
-            out = fn(h, kwargs.get("position_ids"))
-            return None if out is None else arch.replace_hidden_states(args, kwargs, out)
-
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def post_hook(mod: nn.Module, args: tuple, output: Any) -> Any:
-        h = arch.get_output_hidden_states(output)
-        out = fn(h, None)
-        return None if out is None else arch.replace_output_hidden_states(output, out)
-
-    return module.register_forward_hook(post_hook)
-
-
-# ------------------------------------------------------------------------------ token positions
-
-
-def _cache_len(cache: Any) -> int:
-    if cache is None:
-        return 0
-    get = getattr(cache, "get_seq_length", None)
-    if callable(get):
-        try:
-            return int(get())
-        except Exception:  # caches of unusual layouts: assume nothing cached
-            return 0
-    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
-        first = cache[0][0]
-        return int(first.shape[-2]) if isinstance(first, torch.Tensor) else 0
-    return 0
-
-
-class SequenceTracker:
-    """Forward pre-hook on the whole model: where the current forward's tokens sit in their sequence.
-
-    For each forward it records ``positions`` ``(b, n)`` (the ``position_ids`` passed to the model, else
-    ``past_length + arange(n)``, as the model computes them), ``real`` ``(b, n)`` (the attention mask's
-    columns for these tokens, or None) and, per row, ``prompt_start`` / ``prompt_end`` (first position
-    / one past the last position of the real tokens of the *prompt*).
-
-    A forward is the next step of a generation (and keeps the prompt bounds) when it has a non-empty KV
-    cache, or when its ``input_ids`` are longer than the prompt's and start with them (``generate`` with
-    ``use_cache=False`` re-feeds the whole sequence; beam reordering keeps each row's prompt); any other
-    forward starts a new prompt. Hence
-    "last prompt token", "generated tokens" and negative indices select the same tokens with and
-    without a KV cache.
-    """
-
-    def __init__(self) -> None:
-        self.positions: torch.Tensor | None = None
-        self.real: torch.Tensor | None = None
-        self.prompt_start: torch.Tensor | None = None
-        self.prompt_end: torch.Tensor | None = None
-        self._prompt_ids: torch.Tensor | None = None
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor):
-            ids = args[0]
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
-            self.positions = self.real = self.prompt_start = self.prompt_end = self._prompt_ids = None
-            return
-        b, n = int(ref.shape[0]), int(ref.shape[1])
-        past = _cache_len(kwargs.get("cache", kwargs.get("past_key_values")))
-        pos = kwargs.get("position_ids")
-        if not (isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == n and pos.shape[0] in (1, b)):
-            pos = torch.arange(past, past + n, device=ref.device)[None]
-        pos = pos.to(ref.device).long().expand(b, n)
-        mask = kwargs.get("attention_mask")
-        real = None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= n:
-            real = mask[:, mask.shape[1] - n:].to(ref.device).bool()
-        prompt = self._prompt_ids
-        continuation = past > 0 or (
-            ids is not None and prompt is not None and prompt.shape[0] == b and n > prompt.shape[1]
-            and torch.equal(ids[:, : prompt.shape[1]], prompt.to(ids.device)))
-        if not continuation or self.prompt_end is None or self.prompt_end.shape[0] != b:
-            self.prompt_start, self.prompt_end = _bounds(pos, real)
-            self._prompt_ids = ids.detach().clone() if ids is not None and ids.dim() == 2 and past == 0 else None
-        self.positions, self.real = pos, real
-
-
-def _bounds(pos: torch.Tensor, real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: first position and one past the last position of the real tokens (all if none are real)."""
-    if real is not None:
-        real = real & real.any(dim=1, keepdim=True) | ~real.any(dim=1, keepdim=True)
-        start = pos.masked_fill(~real, 2**62).min(dim=1).values
-        end = pos.masked_fill(~real, -1).max(dim=1).values + 1
-        return start, end
-    return pos.min(dim=1).values, pos.max(dim=1).values + 1
-
-
-def current_positions(h: torch.Tensor, position_ids: torch.Tensor | None,
-                      tracker: SequenceTracker | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(positions (b, s), prompt_start (b,), prompt_end (b,))`` for activations ``h`` ``(b, s, d)``.
-
-    Positions come from the block's ``position_ids``, else from the tracker, else ``arange(s)``; the
-    prompt bounds from the tracker, else from these positions (the forward is taken as a whole prompt).
-    """
-    b, n = int(h.shape[0]), int(h.shape[1])
-    candidates = (position_ids, tracker.positions if tracker is not None else None)
-    pos = next((c for c in candidates if isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[-1] == n
-                and c.shape[0] in (1, b)), None)
-    pos = torch.arange(n, device=h.device)[None] if pos is None else pos
-    pos = pos.to(h.device).long().expand(b, n)
-    if tracker is not None and tracker.prompt_end is not None and tracker.prompt_end.shape[0] == b:
-        return pos, tracker.prompt_start.to(h.device), tracker.prompt_end.to(h.device)
-    start, end = _bounds(pos, None)
-    return pos, start, end
-
-
-INJECTION_MODES: tuple[str, ...] = ("all", "first", "last", "generated")
-
-
-class TokenSelection:
-    """Which token positions to steer (validated once, evaluated at every forward).
-
-    See :meth:`SteeringVector.apply` for the meaning of the arguments.
-    """
-
-    def __init__(self, min_token_index: int = 0, token_indices: TokenIndices = None, injection_mode: str = "all"):
-        if isinstance(min_token_index, bool) or not isinstance(min_token_index, numbers.Integral) \
-                or min_token_index < 0:
-            raise ValueError(f"`min_token_index` must be an int >= 0, got {min_token_index!r}")
-        if injection_mode not in INJECTION_MODES:
-            raise ValueError(f"`injection_mode` must be one of {INJECTION_MODES}, got {injection_mode!r}")
-        self.min_token_index = int(min_token_index)
-        self.injection_mode = injection_mode
-        self.indices: torch.Tensor | None = None
-        self.slice: slice | None = None
-        self.weights: torch.Tensor | None = None
-        ti = token_indices
-        if ti is None:
-            pass
-        elif isinstance(ti, slice):
-            for name, bound in (("start", ti.start), ("stop", ti.stop)):
-                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, numbers.Integral)):
-                    raise TypeError(f"`token_indices` slice {name} must be an int or None, got {bound!r}")
-            if ti.step not in (None, 1):
-                raise ValueError(f"`token_indices` slice step must be 1 (or None), got {ti.step!r}")
-            self.slice = ti
-        elif isinstance(ti, torch.Tensor) and ti.dtype == torch.bool or \
-                isinstance(ti, torch.Tensor) and ti.is_floating_point():
-            if ti.dim() != 1:
-                raise ValueError(f"`token_indices` as a mask must be 1-D (seq,), got shape {tuple(ti.shape)}")
-            self.weights = ti.detach()
-        elif isinstance(ti, str):
-            raise TypeError("`token_indices` must be an int, a sequence of ints, a slice or a 1-D tensor, not a str"
-                            " (for token modes use injection_mode='first'/'last'/'generated')")
-        else:
-            items = [ti] if isinstance(ti, numbers.Integral) else ti
-            try:
-                idx = torch.as_tensor(items if isinstance(items, torch.Tensor) else list(items))
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise TypeError(f"`token_indices` must be an int, a sequence of ints, a slice or a 1-D tensor; "
-                                f"got {type(ti).__name__}") from e
-            if idx.dim() > 1 or idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
-                raise TypeError(f"`token_indices` must hold ints, got {idx.dtype} of shape {tuple(idx.shape)}")
-            self.indices = idx.reshape(-1).long()
-
-    @property
-    def selects_all(self) -> bool:
-        return (self.min_token_index == 0 and self.injection_mode == "all" and self.indices is None
-                and self.slice is None and self.weights is None)
-
-    def mask(self, pos: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor | None:
-        """Bool ``(b, s)`` (or float weights) of the positions to steer; None means all of them."""
-        if self.selects_all:
-            return None
-        m = pos >= self.min_token_index
-        mode = self.injection_mode
-        if mode == "first":
-            m &= pos == start[:, None]
-        elif mode == "last":
-            m &= pos >= end[:, None] - 1
-        elif mode == "generated":
-            m &= pos >= end[:, None]
-        if self.slice is not None:
-            def bound(x: int | None, default: int) -> torch.Tensor:
-                if x is None:
-                    return torch.full_like(end[:, None], default)
-                return end[:, None] + x if x < 0 else torch.full_like(end[:, None], x)
-
-            m &= (pos >= bound(self.slice.start, 0)) & (pos < bound(self.slice.stop, 2**62))
-        if self.indices is not None:
-            idx = self.indices.to(pos.device)[None, :]
-            targets = torch.where(idx < 0, end[:, None] + idx, idx)  # (b, k)
-            m &= (pos[..., None] == targets[:, None, :]).any(-1)
-        if self.weights is not None:
-            w = self.weights.to(pos.device)
-            inside = pos < w.shape[0]
-            vals = w[pos.clamp(0, w.shape[0] - 1)]
-            if w.dtype == torch.bool:
-                return m & inside & vals
-            return torch.where(inside & m, vals, torch.zeros_like(vals))
-        return m
-
-
-def _check_multiplier(multiplier: Any) -> None:
-    if callable(multiplier):
-        return
+    if allow_callable and callable(multiplier):
+        return multiplier
     if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not math.isfinite(multiplier):
-        raise TypeError(f"`multiplier` must be a finite number (or a callable returning one), got {multiplier!r}")
+        also = " (or a callable returning one)" if allow_callable else ""
+        raise TypeError(f"`multiplier` must be a finite number{also}, got {multiplier!r}")
+    return float(multiplier)
 
 
 def _make_apply(vec: torch.Tensor, multiplier: Multiplier, clamp: float | None,

@@ -150,6 +150,7 @@ def test_optimize_kinds_and_options(capsys, model_dir: Path, data_dir: Path, loa
 @pytest.mark.parametrize("aggregator", ["mean", "pca", "logistic"])
 def test_train_from_pairs(capsys, model_dir: Path, data_dir: Path, loaded, tmp_path: Path, aggregator: str) -> None:
     from steering_opt import contrastive
+    from steering_opt.compat.steering_vectors import train_steering_vector
 
     out = run_ok(capsys, "train", "--model", model_dir, "--pairs", data_dir / "pairs.jsonl", "--layer", "1", "3",
                  "--aggregator", aggregator, "--out", tmp_path / "t")
@@ -159,8 +160,8 @@ def test_train_from_pairs(capsys, model_dir: Path, data_dir: Path, loaded, tmp_p
     assert vec.layers == [1, 3]
     assert vec.metadata["hyperparameters"]["aggregator"] == aggregator
     agg = getattr(contrastive, f"{aggregator}_aggregator")()
-    ref = contrastive.train_steering_vector(model, tok, so.load_contrast_pairs(data_dir / "pairs.jsonl"),
-                                            layers=[1, 3], aggregator=agg)
+    ref = train_steering_vector(model, tok, so.load_contrast_pairs(data_dir / "pairs.jsonl"),
+                               layers=[1, 3], aggregator=agg)
     for layer in (1, 3):
         assert torch.equal(vec.layer_activations[layer], ref.layer_activations[layer])
 

@@ -10,8 +10,14 @@ from conftest import make_tiny_model
 
 import steering_opt as so
 from steering_opt import arch
-from steering_opt.contrastive import ablation_operator, train_steering_vector
-from steering_opt.injectors import ActivationHook, ActivationInjector, MultiVectorInjector, generate_with_steering
+from steering_opt.compat.rotalabs_steer import (
+    ActivationHook,
+    ActivationInjector,
+    MultiVectorInjector,
+    generate_with_steering,
+)
+from steering_opt.compat.steering_vectors import train_steering_vector
+from steering_opt.contrastive import ablation_operator
 from steering_opt.vector import SteeringVector
 
 D = 64

@@ -17,7 +17,9 @@ import steering_opt as so
 import steering_opt.engine as engine_mod
 from steering_opt.data import tokenize_datapoints
 from steering_opt.engine import FastEngine, Objective, ReferenceEngine, SteerSpec
-from steering_opt.optimize import _Params, _tangent_noise_fn
+from steering_opt.loop import JobState, tangent_gradients
+from steering_opt.options import OptimizeOptions
+from steering_opt.parameterization import Additive, Affine, Clamp
 
 LAYER = 1
 INIT = 0.3
@@ -46,10 +48,15 @@ def record_steer(monkeypatch):
     calls = []
     real = engine_mod.steer
 
-    def wrapped(h, vector, **kw):
-        out = real(h, vector, **kw)
-        calls.append(dict(h=h.detach(), vector=vector.detach(), out=out.detach(),
-                          **{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}))
+    def wrapped(h, params, rows, **kw):
+        out = real(h, params, rows, **kw)
+        p = params[0]
+        mask = kw.get("mask")
+        calls.append(dict(h=h.detach(), vector=rows.detach(), out=out.detach(),
+                          mask=None if mask is None else mask.detach(),
+                          clamp=p.coefficient if isinstance(p, Clamp) else None,
+                          left=p.left.detach() if isinstance(p, Affine) else None,
+                          right=p.right.detach() if isinstance(p, Affine) else None))
         return out
 
     monkeypatch.setattr(engine_mod, "steer", wrapped)
@@ -278,9 +285,14 @@ def test_tangent_noise_is_orthogonal_to_the_unsteered_gradient(model, tokenizer,
     seqs = tokenize_datapoints(tokenizer, dps)
     owner = [s.datapoint for s in seqs]
     eng = engine_cls(model, seqs, [LAYER], Objective())
-    params = _Params(vectors={LAYER: torch.ones(D, requires_grad=True)})
-    fn = _tangent_noise_fn(eng, params, [LAYER], 0.5, True, torch.Generator().manual_seed(0))
-    grads = fn.grads
+    def state(tangent):
+        st = JobState({LAYER: Additive(torch.ones(D, requires_grad=True))}, seqs, len(dps),
+                      OptimizeOptions(noise_scale=0.5, do_tangent_space_noise=tangent), torch.Generator().manual_seed(0))
+        tangent_gradients(eng, [st], [LAYER], D, torch.device("cpu"))
+        return st
+
+    st = state(True)
+    grads = st.tangent
     assert grads.shape == (len(dps), D)  # g: gradient of each datapoint's unsteered loss, computed once
     expected = torch.zeros(len(dps), D, dtype=torch.float64)
     for s in seqs:
@@ -297,7 +309,7 @@ def test_tangent_noise_is_orthogonal_to_the_unsteered_gradient(model, tokenizer,
     torch.testing.assert_close(grads.double(), expected, rtol=1e-3, atol=1e-9)
     draws = []
     for _ in range(3):
-        rows = fn()[LAYER]
+        rows = st.noise(D)
         assert rows.shape == (len(seqs), D)
         g = grads[owner]
         cos = (rows * g).sum(-1) / (rows.norm(dim=-1) * g.norm(dim=-1))
@@ -305,7 +317,7 @@ def test_tangent_noise_is_orthogonal_to_the_unsteered_gradient(model, tokenizer,
         assert 0.3 * math.sqrt(D) < float(rows.norm(dim=-1).mean()) < 0.7 * math.sqrt(D)
         draws.append(rows)
     assert not torch.allclose(draws[0], draws[1])  # fresh noise at every evaluation
-    plain = _tangent_noise_fn(eng, params, [LAYER], 0.5, False, torch.Generator().manual_seed(0))()[LAYER]
+    plain = state(False).noise(D)
     g = grads[owner]
     cos = (plain * g).sum(-1) / (plain.norm(dim=-1) * g.norm(dim=-1))
     assert float(cos.abs().max()) > 1e-3

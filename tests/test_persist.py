@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import steering_opt as so
 from steering_opt import persist
+from steering_opt.fsutil import sha256_file
 from steering_opt.persist import SteeringFileError
 from steering_opt.vector import SteeringVector
 
@@ -220,7 +221,7 @@ def test_nan_refused(tmp_path: Path) -> None:
     tensors["layer.0.vector"][0] = float("inf")
     save_file(tensors, str(folder / persist.TENSORS_FILE), metadata={"format": "steering_opt.vector"})
     doc = json.loads((folder / persist.VECTOR_FILE).read_text())
-    doc["sha256"] = persist._sha256(folder / persist.TENSORS_FILE)
+    doc["sha256"] = sha256_file(folder / persist.TENSORS_FILE)
     (folder / persist.VECTOR_FILE).write_text(json.dumps(doc))
     with pytest.raises(SteeringFileError, match="NaN or infinite"):
         so.load(folder)
@@ -316,7 +317,7 @@ def test_pickle_payload_never_runs(tmp_path: Path) -> None:
     folder = _saved(tmp_path / "f")
     (folder / persist.TENSORS_FILE).write_bytes(pickle.dumps(_Payload(marker)))
     doc = json.loads((folder / persist.VECTOR_FILE).read_text())
-    doc["sha256"] = persist._sha256(folder / persist.TENSORS_FILE)
+    doc["sha256"] = sha256_file(folder / persist.TENSORS_FILE)
     (folder / persist.VECTOR_FILE).write_text(json.dumps(doc))
     with pytest.raises(SteeringFileError, match="not a valid safetensors file"):
         so.load(folder)

@@ -13,7 +13,8 @@ import torch
 matplotlib.use("Agg")
 
 import steering_opt as so  # noqa: E402
-from steering_opt.contrastive import extract_activations, train_steering_vector  # noqa: E402
+from steering_opt.compat.steering_vectors import train_steering_vector  # noqa: E402
+from steering_opt.contrastive import extract_activations  # noqa: E402
 from steering_opt.plots import pca_project, plot_layer_norms, plot_loss_curve, plot_pca  # noqa: E402
 from steering_opt.vector import SteeringVector  # noqa: E402
 

@@ -20,7 +20,9 @@ import steering_opt as so
 from steering_opt import scale
 from steering_opt.data import SRC, tokenize_datapoints
 from steering_opt.engine import FastEngine, Objective, ReferenceEngine, SteerSpec
-from steering_opt.scale import Job, RowSteerSpec, optimize_many
+from steering_opt.loop import JobState
+from steering_opt.parameterization import Additive, Affine, Clamp
+from steering_opt.scale import Job, optimize_many
 
 INIT = 0.3
 D = 64
@@ -209,15 +211,15 @@ def test_row_spec_matches_reference_engine_per_job(tokenizer):
     signs = torch.tensor([x.sign for x in seqs])
     is_src = torch.tensor([x.kind == SRC for x in seqs], dtype=torch.float32)
 
+    def param(v, c, lr_):
+        return Clamp(v, c) if c is not None else Affine(v, *lr_) if lr_ else Additive(v)
+
+    params = [param(v, c, lr_) for _, v, c, lr_ in per_job]
+
     def spec_fn(idx):
         jobs_of = pos_t[idx]
         rows = torch.stack([per_job[j][1] for j in range(len(kinds))])[jobs_of] * signs[idx][:, None]
-        clamp = torch.tensor([per_job[j][2] if per_job[j][2] is not None else float("nan") for j in jobs_of])
-        left = torch.stack([torch.cat([lr_[0], torch.zeros(2 - lr_[0].shape[0], D)]) if lr_ else torch.zeros(2, D)
-                            for _, _, _, lr_ in per_job])[jobs_of]
-        right = torch.stack([torch.cat([lr_[1], torch.zeros(2 - lr_[1].shape[0], D)]) if lr_ else torch.zeros(2, D)
-                             for _, _, _, lr_ in per_job])[jobs_of]
-        return RowSteerSpec(rows={1: rows}, row_clamp=clamp, row_left=left, row_right=right)
+        return SteerSpec(rows={1: rows}, params={1: params}, which=jobs_of)
 
     fast = FastEngine(model, seqs, [1], Objective(), max_batch_tokens=40)  # several chunks
     losses = fast.run(spec_fn, weights=is_src + 0.5)
@@ -231,8 +233,7 @@ def test_row_spec_matches_reference_engine_per_job(tokenizer):
         signs_j = torch.tensor([x.sign for x in s])
 
         def ref_spec(idx, v=v, c=c, lr_=lr_, signs_j=signs_j):
-            return SteerSpec(rows={1: signs_j[idx][:, None] * v[None]}, clamp=c,
-                             left=lr_[0] if lr_ else None, right=lr_[1] if lr_ else None)
+            return SteerSpec(rows={1: signs_j[idx][:, None] * v[None]}, params={1: [param(v, c, lr_)]})
 
         w = torch.tensor([x.kind == SRC for x in s], dtype=torch.float32) + 0.5
         ref_losses = ref.run(ref_spec, weights=w)
@@ -246,12 +247,15 @@ def test_row_spec_matches_reference_engine_per_job(tokenizer):
 
 def test_row_spec_zero_clamp_vector_is_an_error():
     h = torch.randn(2, 3, D)
-    spec = RowSteerSpec(rows={0: torch.stack([torch.zeros(D), torch.ones(D)])}, row_clamp=torch.tensor([1.0, 1.0]))
+    clamps = [Clamp(torch.zeros(D), 1.0), Clamp(torch.ones(D), 1.0)]
+    spec = SteerSpec(rows={0: torch.stack([torch.zeros(D), torch.ones(D)])}, params={0: clamps},
+                     which=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="non-zero vector"):
         spec.apply(h, 0, None)
-    # a zero vector on an additive row is fine, and its gradient is finite
+    # a zero vector on an additive row is fine, and its gradient is finite, also batched with clamp rows
     v = torch.zeros(2, D, requires_grad=True)
-    out = RowSteerSpec(rows={0: v}, row_clamp=torch.tensor([float("nan"), float("nan")])).apply(h, 0, None)
+    mixed = [Additive(torch.zeros(D)), Clamp(torch.ones(D), 1.0)]
+    out = SteerSpec(rows={0: v}, params={0: mixed}, which=torch.tensor([0, 0])).apply(h, 0, None)
     out.sum().backward()
     assert torch.isfinite(v.grad).all() and torch.equal(out, h)
 
@@ -331,7 +335,7 @@ def test_model_is_left_as_found(tokenizer, monkeypatch, fail):
     jobs = [Job([P1], 1, max_iters=3, seed=0), Job([P2], 2, max_iters=3, seed=1, vector_clamp=1.0),
             Job([P3], 1, max_iters=2, seed=2, affine_rank=1)]
     if fail:
-        real = scale._JobState.after_eval
+        real = JobState.after_eval
         n = []
 
         def after_eval(self, sub):
@@ -340,7 +344,7 @@ def test_model_is_left_as_found(tokenizer, monkeypatch, fail):
                 raise KeyboardInterrupt
             return real(self, sub)
 
-        monkeypatch.setattr(scale._JobState, "after_eval", after_eval)
+        monkeypatch.setattr(JobState, "after_eval", after_eval)
         with pytest.raises(KeyboardInterrupt):
             optimize_many(model, jobs, tokenizer=tokenizer)
     else:

@@ -1,15 +1,15 @@
-"""Reading and injecting activations with the names users of other steering libraries know.
+"""rotalabs-steer API (reading and injecting activations), as thin adapters over the core.
 
-* :class:`ActivationHook` (rotalabs-steer): record activations at some layers during any forward.
-* :class:`ActivationInjector` / :class:`MultiVectorInjector` (rotalabs-steer): steer with one or several
-  named vector sets at adjustable strengths; :meth:`MultiVectorInjector.set_strength` takes effect on the
-  next forward without re-registering hooks.
+* :class:`ActivationHook`: record activations at some layers during any forward.
+* :class:`ActivationInjector` / :class:`MultiVectorInjector`: steer with one or several named vector sets
+  at adjustable strengths; :meth:`MultiVectorInjector.set_strength` takes effect on the next forward
+  without re-registering hooks.
 * :func:`generate_with_steering` (blog-style one-call generation).
 
-Everything is built on :class:`~steering_opt.vector.SteeringVector` (``patch``), the site lookup
-:func:`~steering_opt.vector.resolve_site_module` and :func:`~steering_opt.vector.register_site_hook`, so a
-vector from :func:`~steering_opt.optimize.optimize_vector` and one from
-:func:`~steering_opt.contrastive.train_steering_vector` behave identically here.
+Everything is built on :meth:`SteeringVector.hook_specs <steering_opt.vector.SteeringVector.hook_specs>`,
+the site lookup :func:`~steering_opt.vector.resolve_site_module` and the hook core
+(:func:`~steering_opt.hooks.attach`, :func:`~steering_opt.hooks.site_hook`), so a vector from
+:func:`~steering_opt.optimize.optimize_vector` and a contrastive one behave identically here.
 
 Layer convention: ``component="residual"`` is the residual stream *entering* block ``L``
 (``hidden_states[L]``, the optimiser's site); ``"mlp"``/``"attn"`` are those modules' outputs.
@@ -19,24 +19,26 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from . import arch
-from .contrastive import Text, _input_device, tokenize_text
-from .hooks import frozen_model
-from .vector import (
+from .. import arch
+from ..contrastive import Text, tokenize_text
+from ..hooks import (
     INJECTION_MODES,
-    Operator,
+    HookHandle,
+    HookSpec,
     SequenceTracker,
-    SiteConfig,
-    SteeringVector,
     TokenIndices,
-    register_site_hook,
-    resolve_site_module,
+    attach,
+    frozen_model,
+    pad_sequences,
+    pad_token_id,
+    site_hook,
 )
+from ..vector import Operator, SiteConfig, SteeringVector, resolve_site_module
 
 __all__ = [
     "COMPONENTS",
@@ -138,7 +140,7 @@ class ActivationHook:
         self.layer_indices = [int(x) for x in layers]
         self._modules = [resolve_site_module(model, layer, self.site, layer_config) for layer in self.layer_indices]
         self._acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layer_indices}
-        self._handles: list[Any] = []
+        self._handle = HookHandle()
 
     def _reader(self, layer: int, tracker: SequenceTracker) -> Any:
         def fn(h: torch.Tensor, _pos: torch.Tensor | None) -> None:
@@ -168,16 +170,13 @@ class ActivationHook:
         return fn
 
     def __enter__(self) -> ActivationHook:
-        if self._handles:
+        if self._handle.active:
             raise RuntimeError("this ActivationHook is already active")
         tracker = SequenceTracker()
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(tracker, with_kwargs=True))
-            for layer, module in zip(self.layer_indices, self._modules):
-                self._handles.append(register_site_hook(module, self.site, self._reader(layer, tracker)))
-        except BaseException:
-            self.remove()
-            raise
+        specs: list[HookSpec] = [(self.model, tracker, "pre")]
+        specs += [site_hook(module, self.site, self._reader(layer, tracker))
+                  for layer, module in zip(self.layer_indices, self._modules)]
+        self._handle = attach(specs)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -185,9 +184,7 @@ class ActivationHook:
 
     def remove(self) -> None:
         """Remove the hooks (the recorded activations are kept)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._handle.remove()
 
     def clear(self) -> None:
         """Forget the recorded activations."""
@@ -217,22 +214,31 @@ class ActivationHook:
 # ------------------------------------------------------------------------------ injecting
 
 
+_I = TypeVar("_I", bound="_Injector")
+
+
 class _Injector:
-    """Shared lifecycle of the injectors: ``patch()`` registers hooks into ``self._handles``; ``remove()``
-    and leaving the ``with`` block take them all off."""
+    """Shared lifecycle of the injectors: :meth:`patch` attaches the specs of :meth:`_specs` as one
+    :class:`~steering_opt.hooks.HookHandle`; :meth:`remove` and leaving the ``with`` block take them off."""
 
-    _handles: list[Any]
+    model: nn.Module
+    _handle: HookHandle
 
-    def patch(self) -> Any:  # pragma: no cover - overridden
+    def _specs(self) -> list[HookSpec]:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def patch(self: _I) -> _I:
+        """Register the hooks (``with injector:`` does this); undo with :meth:`remove`."""
+        if self._handle.active:
+            raise RuntimeError("this injector is already active")
+        self._handle = attach(self._specs())
+        return self
 
     def remove(self) -> None:
         """Remove every hook this injector registered (idempotent)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._handle.remove()
 
-    def __enter__(self) -> Any:
+    def __enter__(self: _I) -> _I:
         return self.patch()
 
     def __exit__(self, *exc: Any) -> None:
@@ -268,24 +274,14 @@ class ActivationInjector(_Injector):
         self.injection_mode = injection_mode
         self._options: dict[str, Any] = dict(operator=operator, min_token_index=min_token_index,
                                              token_indices=token_indices, layer_config=layer_config)
-        self._handles: list[Any] = []
+        self._handle = HookHandle()
 
     def _multiplier(self) -> float:
         return self.strength
 
-    def patch(self) -> ActivationInjector:
-        """Register the hooks (``with injector:`` does this); undo with :meth:`remove`."""
-        if self._handles:
-            raise RuntimeError("this injector is already active")
-        try:
-            for vec in self.vectors:
-                self._handles.append(vec.patch(self.model, self._multiplier, injection_mode=self.injection_mode,
-                                               **self._options))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
+    def _specs(self) -> list[HookSpec]:
+        return [spec for vec in self.vectors for spec in
+                vec.hook_specs(self.model, self._multiplier, injection_mode=self.injection_mode, **self._options)]
 
 
 class MultiVectorInjector(_Injector):
@@ -321,7 +317,7 @@ class MultiVectorInjector(_Injector):
                            for name in vector_sets}
         self.injection_mode = injection_mode
         self.layer_config = layer_config
-        self._handles: list[Any] = []
+        self._handle = HookHandle()
 
     @property
     def strengths(self) -> dict[str, float]:
@@ -337,20 +333,10 @@ class MultiVectorInjector(_Injector):
             raise KeyError(f"no vector set named {name!r}; known: {sorted(self._strengths)}")
         self._strengths[name] = _check_number(value, "value")
 
-    def patch(self) -> MultiVectorInjector:
-        """Register the hooks (``with injector:`` does this); undo with :meth:`remove`."""
-        if self._handles:
-            raise RuntimeError("this injector is already active")
-        try:
-            for name, vecs in self.vector_sets.items():
-                for vec in vecs:
-                    self._handles.append(vec.patch(self.model, self._strength_of(name), layer_config=self.layer_config,
-                                                   injection_mode=self.injection_mode))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
+    def _specs(self) -> list[HookSpec]:
+        return [spec for name, vecs in self.vector_sets.items() for vec in vecs for spec in
+                vec.hook_specs(self.model, self._strength_of(name), layer_config=self.layer_config,
+                               injection_mode=self.injection_mode)]
 
 
 # ------------------------------------------------------------------------------ generation
@@ -396,27 +382,15 @@ def generate_with_steering(
         arch.check_context_length(model, len(e), f"prompt[{i}]" if batched else "prompt")
     vecs = [] if steering is None else as_steering_vectors(steering, layer, name="steering")
     _check_number(multiplier, "multiplier")
-    width = max(len(e) for e in encoded)
-    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
-                   if isinstance(t, int)), 0)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, e in enumerate(encoded):
-        ids[r, width - len(e):] = torch.tensor(e)
-        mask[r, width - len(e):] = 1
-    device = _input_device(model)
+    pad_id = pad_token_id(tokenizer, model)
+    ids, mask = pad_sequences(encoded, pad_id, side="left")
+    specs = [spec for vec in vecs for spec in vec.hook_specs(model, multiplier, min_token_index, token_indices,
+                                                             operator, layer_config, injection_mode=injection_mode)]
+    device = arch.input_device(model)
     kwargs = {"do_sample": False, "pad_token_id": pad_id, **generate_kwargs}
     if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
         kwargs["max_new_tokens"] = 40
-    handles: list[Any] = []
-    with frozen_model(model):
-        try:
-            for vec in vecs:
-                handles.append(vec.patch(model, multiplier, min_token_index, token_indices, operator, layer_config,
-                                         injection_mode=injection_mode))
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    with frozen_model(model), attach(specs):
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return texts if batched else texts[0]

@@ -1,0 +1,202 @@
+"""llm-steering-opt (the reference library and its tutorial) API, as thin adapters over the core.
+
+Names, parameters and call forms are the reference's; the steering itself is
+:func:`steering_opt.hooks.steer`, hooks are registered with :func:`steering_opt.hooks.attach` and token
+positions selected by :class:`steering_opt.hooks.TokenSelection`, exactly as for
+:meth:`SteeringVector.apply <steering_opt.vector.SteeringVector.apply>`.
+
+Differences from the reference, kept on purpose: arguments are validated when the hook is made (not in
+the middle of a forward); hooks steer out of place; ``make_abl_mat`` refuses a zero vector (the reference
+returned NaNs); ``token`` is read against the ``position_ids`` the block receives, so a token index (also
+a negative one, counted from the end of the prompt of the first, prefill, pass) means the same token
+during KV-cached generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import arch
+from ..hooks import HookSpec, TokenIndices, TokenSelection, attach, current_positions, steer
+
+__all__ = [
+    # hooks (this section)
+    "hf_hooks_contextmanager",
+    "make_abl_mat",
+    "make_steering_hook_hf",
+]
+
+# =================================================================================================
+# Hooks: make_steering_hook_hf, make_abl_mat, hf_hooks_contextmanager
+# =================================================================================================
+
+HookFn = Callable[..., Any]
+
+
+def make_steering_hook_hf(
+    vector: torch.Tensor,
+    matrix: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    token: TokenIndices = None,
+    *,
+    clamp: float | None = None,
+) -> HookFn:
+    """Make a forward pre-hook that steers the residual stream entering a decoder block.
+
+    ``h -> h + h Mᵀ + v`` on the selected token positions (tutorial semantics).
+
+    Args:
+        vector: steering vector ``(d,)``.
+        matrix: ``None`` (additive steering), a dense ``(d, d)`` matrix ``M`` (e.g. from
+            :func:`make_abl_mat` for clamp steering, or the matrix returned by affine optimisation),
+            or a ``(left, right)`` pair of ``(r, d)`` factors with ``M = leftᵀ right``.
+        token: which positions to steer: ``None`` (all), an int, a slice or a list of ints (see
+            :class:`~steering_opt.hooks.TokenSelection`). Negative ints count from the end of the prompt
+            seen in the first (prefill) pass, and stay attached to that token during cached generation.
+        clamp: alternative to ``make_abl_mat``: clamp the projection on ``v̂`` to ``clamp·‖v‖``.
+
+    Returns:
+        ``hook(module, args, kwargs=None)``: register it with ``register_forward_pre_hook(...,
+        with_kwargs=True)`` (it then returns ``(args, kwargs)``), or, as in the reference, with a plain
+        ``register_forward_pre_hook`` / call it as ``hook(module, args)`` (it then returns the new
+        ``args``). :func:`hf_hooks_contextmanager` registers it for you.
+    """
+    _check_hook_args(vector, matrix, clamp)
+    selection = TokenSelection(token_indices=token, name="token")
+    left = right = dense = None
+    if isinstance(matrix, tuple):
+        left, right = matrix
+    else:
+        dense = matrix
+    state: dict[str, torch.Tensor] = {}
+
+    def hook_fn(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Any:
+        kw = {} if kwargs is None else kwargs
+        h = arch.get_hidden_states(args, kw)
+        mask = None
+        if not selection.selects_all:
+            pos = current_positions(h, kw.get("position_ids"), None)[0]
+            if h.shape[1] > 1 or "seq_lens" not in state:
+                # a new sequence (prefill): remember its length so negative indices stay fixed
+                state["seq_lens"] = pos[:, -1] + 1
+            seq_lens = state["seq_lens"].to(pos.device)
+            if seq_lens.shape[0] != pos.shape[0]:
+                seq_lens = seq_lens[:1].expand(pos.shape[0])
+            mask = selection.mask(pos, torch.zeros_like(seq_lens), seq_lens)
+        new_h = steer(h, vector, left=left, right=right, matrix=dense, clamp=clamp, mask=mask)
+        new_args, new_kwargs = arch.replace_hidden_states(args, kw, new_h)
+        return new_args if kwargs is None else (new_args, new_kwargs)
+
+    hook_fn.steering_vector = vector  # type: ignore[attr-defined]
+    return hook_fn
+
+
+def _check_finite(name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor) or t.is_meta or not t.is_floating_point():
+        what = f"a {t.dtype} tensor on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"`{name}` must be a floating-point torch.Tensor with data, got {what}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"`{name}` contains NaN or infinite values")
+
+
+def _check_hook_args(vector: Any, matrix: Any, clamp: Any) -> None:
+    """Validate make_steering_hook_hf's arguments when the hook is made, not in the middle of a forward."""
+    _check_finite("vector", vector)
+    if vector.dim() != 1:
+        raise ValueError(f"`vector` must have shape (d,), got {tuple(vector.shape)}")
+    d = vector.shape[0]
+    if isinstance(matrix, tuple):
+        if len(matrix) != 2:
+            raise ValueError(f"`matrix` as factors must be a (left, right) pair, got {len(matrix)} items")
+        for name, t in zip(("matrix[0] (left)", "matrix[1] (right)"), matrix):
+            _check_finite(name, t)
+            if t.dim() != 2 or t.shape[1] != d:
+                raise ValueError(f"`{name}` must have shape (r, {d}), got {tuple(t.shape)}")
+        if matrix[0].shape != matrix[1].shape:
+            raise ValueError(f"`matrix` factors must have the same shape (r, {d}), got {tuple(matrix[0].shape)} and "
+                             f"{tuple(matrix[1].shape)}")
+    elif matrix is not None:
+        _check_finite("matrix", matrix)
+        if tuple(matrix.shape) != (d, d):
+            raise ValueError(f"`matrix` must have shape ({d}, {d}) (or be a (left, right) pair of (r, {d}) factors), "
+                             f"got {tuple(matrix.shape)}")
+    if clamp is not None:
+        if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not math.isfinite(clamp):
+            raise ValueError(f"`clamp` must be a finite number or None, got {clamp!r}")
+        if not bool(vector.detach().abs().sum() > 0):
+            raise ValueError("`clamp` steering needs a non-zero `vector` (its direction v/|v| is undefined for "
+                             "a zero vector)")
+
+
+def make_abl_mat(vector: torch.Tensor) -> torch.Tensor:
+    """Dense ``(d, d)`` matrix ``-v̂ v̂ᵀ``: with :func:`make_steering_hook_hf` it gives clamp steering.
+
+    ``make_steering_hook_hf(c * v, make_abl_mat(v))`` maps ``h -> h - (h·v̂) v̂ + c v``.
+    Raises ``ValueError`` for a zero vector (the reference implementation returned NaNs).
+    """
+    v = vector.detach()
+    n2 = (v.float() ** 2).sum()
+    if not torch.isfinite(n2) or n2 == 0:
+        raise ValueError("make_abl_mat: `vector` must be finite and non-zero")
+    return (-torch.outer(v.float(), v.float()) / n2).to(v.dtype)
+
+
+def _as_pre_hook(fn: HookFn) -> HookFn:
+    """``fn`` as a ``with_kwargs=True`` pre-hook: hooks taking ``(module, args, kwargs)`` as they are; plain
+    reference-style ``hook(module, args)`` (returning the new hidden states, or new args) adapted."""
+    try:
+        n_params = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        n_params = 3
+    if n_params >= 3:
+        return fn
+
+    def adapter(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        out = fn(mod, args)
+        if out is None:
+            return None
+        new_h = out[0] if isinstance(out, tuple) else out
+        return arch.replace_hidden_states(args, kwargs, new_h)
+
+    return adapter
+
+
+@contextlib.contextmanager
+def hf_hooks_contextmanager(
+    model: nn.Module,
+    hook_infos: Sequence[tuple[int, HookFn]],
+    *,
+    site: str = "decoder_block",
+    layer_config: arch.LayerConfig = None,
+) -> Iterator[None]:
+    """Run ``model`` with forward pre-hooks ``[(layer, hook_fn), ...]``; always removes them.
+
+    Hooks with signature ``hook(module, args, kwargs)`` (as made by :func:`make_steering_hook_hf`)
+    are registered with ``with_kwargs=True``; plain ``hook(module, args)`` hooks (reference-library
+    style, returning the new hidden states) are also accepted. Every layer is located (and every hook's
+    vector width checked) before the first hook is registered.
+    """
+    if isinstance(hook_infos, (str, bytes)) or not isinstance(hook_infos, Iterable):
+        raise TypeError(f"`hook_infos` must be a list of (layer, hook) pairs, got {type(hook_infos).__name__}")
+    hook_infos = list(hook_infos)
+    for i, item in enumerate(hook_infos):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"`hook_infos[{i}]` must be a (layer, hook) pair, got {item!r:.60}")
+        if not callable(item[1]):
+            raise TypeError(f"`hook_infos[{i}]`: the hook must be callable, got {type(item[1]).__name__}")
+    specs: list[HookSpec] = [(arch.get_site_module(model, layer, site, layer_config), _as_pre_hook(fn), "pre")
+                             for layer, fn in hook_infos]
+    for i, (_, fn) in enumerate(hook_infos):
+        vec = getattr(fn, "steering_vector", None)
+        if isinstance(vec, torch.Tensor) and vec.shape[-1] != arch.hidden_size(model):
+            raise ValueError(f"`hook_infos[{i}]`: the hook's vector has size {vec.shape[-1]}, but the model's hidden "
+                             f"size is {arch.hidden_size(model)}")
+    with attach(specs):
+        yield
+

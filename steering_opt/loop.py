@@ -1,0 +1,428 @@
+"""The optimisation loop: one per-job state, one driver for one job or many.
+
+A :class:`JobState` holds one optimisation's parameters (a :class:`~steering_opt.parameterization.Steering`
+per steered layer, possibly one object shared by several layers), its Adam state and its stopping
+state. :func:`run_jobs` drives any number of them through one engine: each round it evaluates every
+active job's loss in one batched pass (each row steered by its own job's parameters), then every job
+checks its stop conditions and takes its step (:meth:`JobState.after_eval`). ``optimize`` runs one
+job; ``optimize_many`` runs groups of them; the minibatch path gives a job a subset schedule.
+
+Per round, for each job: evaluate → stop checks (non-finite, target, step cap, convergence) → Adam
+step → projection. ``max_iters`` is the exact number of steps; the parameters returned are those whose
+loss was measured last, and a non-finite evaluation restores the last finite parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import TokenizedCompletion, nest_losses
+from .engine import Engine, SteerSpec
+from .options import OptimizeOptions
+from .parameterization import Additive, Affine, Steering
+
+log = logging.getLogger(__name__)
+
+
+def show_progress(progress: bool | None) -> bool:
+    """``None`` means: on inside a Jupyter kernel, off elsewhere (scripts, tests)."""
+    if progress is not None:
+        return bool(progress)
+    return "ipykernel" in sys.modules
+
+
+def unique_params(steering: dict[int, Steering]) -> list[Steering]:
+    """The distinct parameterisation objects of ``steering`` (layers may share one)."""
+    out: list[Steering] = []
+    for p in steering.values():
+        if not any(p is q for q in out):
+            out.append(p)
+    return out
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """What an optimisation returns.
+
+    Attributes:
+        steering: ``{layer: Steering}`` (layers optimised with one shared vector share the object).
+        options: the settings used.
+        iters: optimiser steps taken.
+        losses: per-completion losses ``(n_completions,)`` of the returned parameters (nats).
+        completion_losses: the same as ``[datapoint][0 = src, 1 = dst][completion]``.
+        loss_history: summed loss (nats) at every evaluation.
+        status: ``"max_iters"``, ``"target_reached"``, ``"converged"`` or ``"nonfinite"``.
+        extra: phase-specific entries (output-constrained phase, processes, job name), copied into
+            :attr:`info`.
+    """
+
+    steering: dict[int, Steering]
+    options: OptimizeOptions
+    iters: int
+    losses: torch.Tensor
+    completion_losses: list[list[list[float]]]
+    loss_history: list[float]
+    status: str
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.steering)
+
+    @property
+    def shared(self) -> bool:
+        """Whether every layer holds the same parameters (one vector steering several layers)."""
+        return len(unique_params(self.steering)) == 1
+
+    @property
+    def loss(self) -> float:
+        """Summed loss of the returned parameters (nats)."""
+        return float(self.losses.sum())
+
+    @property
+    def vector(self) -> torch.Tensor:
+        """The optimised vector ``(d,)`` (one shared vector; see :attr:`vectors` otherwise)."""
+        if not self.shared:
+            raise ValueError("this result holds one vector per layer: use `.vectors`")
+        return self.steering[self.layers[0]].vector
+
+    @property
+    def vectors(self) -> dict[int, torch.Tensor]:
+        return {k: p.vector for k, p in sorted(self.steering.items())}
+
+    @property
+    def matrix(self) -> torch.Tensor | None:
+        """The dense affine map ``M`` ``(d, d)`` of an affine result, else None."""
+        p = self.steering[self.layers[0]]
+        return p.dense().detach() if isinstance(p, Affine) else None
+
+    @property
+    def norm(self) -> float:
+        return float(self.vectors[self.layers[0]].norm())
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The reference library's ``info`` dict: ``iters``, ``loss`` (summed, or nested per completion
+        with ``do_target_loss_sum=False``), ``norm`` (``norms`` per layer), ``loss_history``, ``status``,
+        ``completion_losses``, ``loss_units``, plus the phase-specific entries."""
+        out: dict[str, Any] = {
+            "iters": self.iters,
+            "loss": self.loss if self.options.do_target_loss_sum else self.completion_losses,
+            "completion_losses": self.completion_losses,
+            "loss_history": self.loss_history,
+            "status": self.status,
+            "loss_units": "nats",
+        }
+        if self.shared:
+            out["norm"] = self.norm
+            p = self.steering[self.layers[0]]
+            if isinstance(p, Affine) and p.left is not None and p.right is not None:
+                out["affine_factors"] = (p.left.detach(), p.right.detach())
+        else:
+            out["norms"] = {k: float(v.norm()) for k, v in self.vectors.items()}
+        out.update(self.extra)
+        return out
+
+    def astuple(self) -> tuple[Any, ...]:
+        """``(vector, info)``, ``(vector, matrix, info)`` for affine steering, or ``({layer: vector}, info)``
+        for one vector per layer: the reference library's return shapes."""
+        if not self.shared:
+            return self.vectors, self.info
+        if isinstance(self.steering[self.layers[0]], Affine):
+            return self.vector, self.matrix, self.info
+        return self.vector, self.info
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpack like the tuple: ``vector, info = optimize_many(...)[0]``."""
+        return iter(self.astuple())
+
+    def __len__(self) -> int:
+        return len(self.astuple())
+
+    def __getitem__(self, i: int) -> Any:
+        return self.astuple()[i]
+
+    def to_steering_vector(self, metadata: dict[str, Any] | None = None) -> Any:
+        """A :class:`~steering_opt.vector.SteeringVector` (to apply, combine, save) that records the
+        parameterisation, the options and the final loss."""
+        from .vector import SteeringVector
+
+        meta = {"method": "optimize", "iters": self.iters, "loss": self.loss, "status": self.status,
+                "loss_units": "nats", "options": self.options.to_dict()}
+        meta.update(metadata or {})
+        return SteeringVector.from_steering(self.steering, metadata=meta)
+
+
+RegFn = Callable[[dict[int, Steering]], torch.Tensor]
+SubsetFn = Callable[[int], "list[int] | None"]
+
+
+class JobState:
+    """One optimisation's parameters, optimiser and stopping state.
+
+    Args:
+        steering: ``{layer: Steering}`` already on the right devices and requiring grad.
+        seqs: the job's tokenised completions; ``n_datapoints`` datapoints.
+        options: the settings (stopping rule, caps, noise, lr).
+        gen: the job's random generator (noise draws continue from the initial parameters' draws).
+        reg_fn: an extra differentiable penalty of the parameters, added to the objective.
+        subset_fn: ``step -> indices of seqs`` evaluated at that step (minibatches); None = all.
+    """
+
+    def __init__(self, steering: dict[int, Steering], seqs: list[TokenizedCompletion], n_datapoints: int,
+                 options: OptimizeOptions, gen: torch.Generator, *, reg_fn: RegFn | None = None,
+                 subset_fn: SubsetFn | None = None, name: str | None = None):
+        self.steering, self.seqs, self.n_dp, self.options, self.gen = steering, seqs, n_datapoints, options, gen
+        self.reg_fn, self.subset_fn, self.name = reg_fn, subset_fn, name
+        self.params = unique_params(steering)
+        self.tensors = [t for p in self.params for t in p.parameters()]
+        self.targets = torch.tensor([s.target if s.target is not None else math.inf for s in seqs])
+        self.owner = torch.tensor([s.datapoint for s in seqs])
+        self.signs = torch.tensor([s.sign for s in seqs])
+        self.tangent: torch.Tensor | None = None  # (n_dp, d) unsteered-loss gradients for tangent noise
+        self.start = 0  # offset of this job's sequences in the engine's list
+        self.history: list[float] = []
+        self.hits, self.steps, self.prev = 0, 0, None
+        self.status = "max_iters"
+        self.losses = torch.full((len(seqs),), math.nan)  # no finite evaluation yet: never report a made-up loss
+        self.done = self.final_eval = False
+        self.subset: list[int] | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.last_good: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ state
+    def project(self) -> None:
+        for p in self.params:
+            p.project(self.options)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in self.tensors]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t, s in zip(self.tensors, snap):
+                t.copy_(s)
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors)
+
+    def usable(self) -> bool:
+        return all(p.usable() for p in self.params)
+
+    def _stop_nonfinite(self, what: str) -> None:
+        self.restore(self.last_good)
+        self.status, self.done = "nonfinite", True
+        log.warning("%snon-finite %s at step %d; restored the last finite parameters",
+                    f"{self.name}: " if self.name else "", what, self.steps)
+
+    # ------------------------------------------------------------------ the loop's phases
+    def begin(self) -> None:
+        """Project the start (the caps hold from the first evaluation on) and create the optimiser."""
+        self.project()
+        self.opt = torch.optim.Adam(self.tensors, lr=self.options.lr)
+        self.last_good = self.snapshot()
+
+    def prepare(self) -> None:
+        """Before an evaluation: clear gradients, pick the subset, refuse unusable parameters."""
+        assert self.opt is not None
+        self.final_eval = self.steps >= self.options.step_cap
+        self.opt.zero_grad(set_to_none=True)
+        if not self.usable():  # the last step made them non-finite (or a clamp vector zero): don't run it
+            self._stop_nonfinite("(or zero clamp) parameters")
+            return
+        self.subset = self.subset_fn(self.steps) if self.subset_fn is not None else None
+
+    def indices(self) -> list[int]:
+        """This round's sequences, as indices into the engine's list."""
+        local = range(len(self.seqs)) if self.subset is None else self.subset
+        return [self.start + i for i in local]
+
+    def noise(self, d: int) -> torch.Tensor | None:
+        """Per-sequence noise rows ``(n_seqs, d)`` for one evaluation, drawn per datapoint; tangent
+        noise removes the component along the datapoint's unsteered-loss gradient ``g``:
+        ``n - (n·g/‖g‖²) g``."""
+        if not self.options.noise_scale:
+            return None
+        n = torch.randn(self.n_dp, d, generator=self.gen) * self.options.noise_scale
+        g = self.tangent
+        if g is not None:
+            g2 = (g * g).sum(-1, keepdim=True)
+            coef = torch.where(g2 > 0, (n * g).sum(-1, keepdim=True) / g2.clamp_min(1e-30), torch.zeros_like(g2))
+            n = n - coef * g
+        return n[self.owner]
+
+    def after_eval(self, sub: torch.Tensor) -> None:
+        """Stop checks and the optimiser step after an evaluation with losses ``sub`` (this round's
+        subset, nats); the completion-loss gradients are already in ``.grad``."""
+        opts = self.options
+        total = float(sub.sum())
+        total_obj = total
+        if self.reg_fn is not None:
+            reg = self.reg_fn(self.steering)
+            if not self.final_eval and reg.requires_grad:  # all-zero weights: a constant, nothing to do
+                reg.backward()
+            total_obj += float(reg.detach())
+        if not math.isfinite(total_obj) or not self.finite():
+            self._stop_nonfinite("loss or parameters")
+            return
+        if self.subset is None:
+            self.losses = sub
+        else:
+            self.losses = self.losses.clone()
+            self.losses[self.subset] = sub
+        self.last_good = self.snapshot()
+        self.history.append(total)
+        if opts.target_loss is not None or bool((self.targets < math.inf).any()):
+            if opts.do_target_loss_sum:
+                hit = opts.target_loss is not None and total <= opts.target_loss
+            else:
+                t = self.targets if self.subset is None else self.targets[self.subset]
+                hit = bool((sub <= t).all())
+            self.hits = self.hits + 1 if hit else 0
+            if self.hits >= opts.target_loss_target_iters:
+                self.status, self.done = "target_reached", True
+                return
+        if self.final_eval:
+            self.status, self.done = "max_iters", True
+            return
+        if opts.max_iters is None and opts.target_loss is None and self.prev is not None \
+                and abs(self.prev - total) < opts.eps:
+            self.status, self.done = "converged", True
+            return
+        self.prev = total
+        assert self.opt is not None
+        self.opt.step()
+        self.project()
+        self.steps += 1
+
+    def result(self, extra: dict[str, Any] | None = None) -> OptimizeResult:
+        steering = {k: p.detach() for k, p in self.steering.items()}
+        shared = {id(p): steering[k] for k, p in self.steering.items()}  # keep shared layers shared
+        steering = {k: shared[id(p)] for k, p in self.steering.items()}
+        out = dict(extra or {})
+        if self.name is not None:
+            out["job"] = self.name
+        return OptimizeResult(steering=steering, options=self.options, iters=self.steps, losses=self.losses,
+                              completion_losses=nest_losses(self.seqs, self.losses.tolist(), self.n_dp),
+                              loss_history=self.history, status=self.status, extra=out)
+
+
+# ---------------------------------------------------------------------------- steering of a round
+
+
+def spec_for(states: Sequence[JobState], layers: Sequence[int], seq_job: torch.Tensor, signs: torch.Tensor,
+             noise: torch.Tensor | None) -> Callable[[list[int]], SteerSpec]:
+    """Per-sequence steering of the given jobs: sequence ``s`` of job ``j`` is steered at every layer
+    by job ``j``'s parameters with vector ``sign_s · v (+ noise_s)``.
+
+    Args:
+        seq_job: ``(n_seqs,)`` index into ``states`` of each engine sequence (-1: not in this round).
+        signs: ``(n_seqs,)`` ±1 per sequence; noise: ``(n_seqs, d)`` or None.
+    """
+    per_layer = {layer: [st.steering[layer] for st in states] for layer in layers}
+    vecs = {layer: torch.stack([p.vector for p in ps]) for layer, ps in per_layer.items()}  # (J, d)
+
+    def fn(idx: list[int]) -> SteerSpec:
+        job = seq_job[idx]
+        rows = {}
+        for layer, v in vecs.items():
+            r = signs[idx][:, None].to(v) * v[job.to(v.device)]
+            if noise is not None:
+                r = r + noise[idx].to(r)
+            rows[layer] = r
+        return SteerSpec(rows=rows, params=per_layer, which=job if len(states) > 1 else None)
+
+    return fn
+
+
+def tangent_gradients(engine: Engine, states: Sequence[JobState], layers: Sequence[int], d: int,
+                      device: torch.device) -> None:
+    """Set ``state.tangent`` ``(n_dp, d)``: the gradient of each datapoint's unsteered loss w.r.t. an
+    additive vector, for the jobs with tangent-space noise (one pass for all of them)."""
+    todo = [st for st in states if st.options.noise_scale and st.options.do_tangent_space_noise]
+    if not todo:
+        return
+    n = len(engine.seqs)
+    zero = torch.zeros(n, d, device=device, requires_grad=True)
+    additive = [Additive(zero[0])]
+
+    def zero_spec(idx: list[int]) -> SteerSpec:
+        return SteerSpec(rows={layer: zero[idx] for layer in layers}, params={layer: additive for layer in layers})
+
+    sub = [i for st in todo for i in range(st.start, st.start + len(st.seqs))]
+    engine.run(zero_spec, backward=True, subset=sub)
+    engine.forget(sub)
+    per_seq = zero.grad.detach().float().cpu() if zero.grad is not None else torch.zeros(n, d)
+    for st in todo:
+        st.tangent = torch.zeros(st.n_dp, d).index_add(0, st.owner, per_seq[st.start: st.start + len(st.seqs)])
+
+
+def run_jobs(engine: Engine, states: Sequence[JobState], *, progress: bool | None = None,
+             desc: str = "optimize") -> None:
+    """Optimise ``states`` together on ``engine``, whose sequences are the states' sequences
+    concatenated (``state.start`` = offset). Every job has its own optimiser and stops on its own; a
+    stopped job leaves the batch. Results are read with :meth:`JobState.result`."""
+    seqs = engine.seqs
+    layers = engine.layers
+    d = states[0].params[0].vector.shape[0]
+    device = states[0].params[0].vector.device
+    signs = torch.cat([st.signs for st in states])
+    dp_len: dict[tuple[int, int], int] = {}  # packed length per (job, datapoint): sort so that chunks pad little
+    for j, st in enumerate(states):
+        for s in st.seqs:
+            dp_len[(j, s.datapoint)] = dp_len.get((j, s.datapoint), s.prompt_len) + s.completion_len
+    tangent_gradients(engine, states, layers, d, device)
+    for st in states:
+        st.begin()
+    active = list(states)
+    members: list[int] | None = None
+    bar = tqdm(total=max(st.options.step_cap for st in states), desc=desc, disable=not show_progress(progress),
+               leave=False)
+    try:
+        while active:
+            for st in active:
+                st.prepare()
+            active = [st for st in active if not st.done]
+            if not active:
+                break
+            seq_job = torch.full((len(seqs),), -1, dtype=torch.long)
+            idx: list[int] = []
+            noise = None
+            for a, st in enumerate(active):
+                seq_job[st.start: st.start + len(st.seqs)] = a
+                idx += st.indices()
+                rows = st.noise(d)
+                if rows is not None:
+                    if noise is None:
+                        noise = torch.zeros(len(seqs), d)
+                    noise[st.start: st.start + len(st.seqs)] = rows
+            if len(active) > 1:
+                job_of = {id(st): j for j, st in enumerate(states)}
+                idx.sort(key=lambda i: (-dp_len[(job_of[id(active[int(seq_job[i])])], seqs[i].datapoint)], i))
+            now = [id(st) for st in active]
+            if members is not None and members != now:
+                engine.forget(None)  # the active set changed: drop the old batches' caches
+            members = now
+            spec_fn = spec_for(active, layers, seq_job, signs, None if noise is None else noise.to(device))
+            backward = any(not st.final_eval for st in active)
+            losses = engine.run(spec_fn, backward=backward, subset=idx)
+            by_seq = torch.full((len(seqs),), math.nan)
+            by_seq[torch.tensor(idx)] = losses
+            for st in active:
+                st.after_eval(by_seq[torch.tensor(st.indices())].clone())
+            active = [st for st in active if not st.done]
+            bar.update(1)
+            if len(states) == 1 and states[0].history:
+                bar.set_postfix(loss=f"{states[0].history[-1]:.4g}")
+    finally:
+        bar.close()
+        if len(states) > 1:
+            engine.forget(None)

@@ -1,0 +1,181 @@
+"""Every optimiser hyper-parameter, as data: :class:`OptimizeOptions`.
+
+One frozen object holds the settings of an optimisation and checks itself once, when it is built
+(:meth:`OptimizeOptions.check` adds the checks that need the model's hidden size). Every optimiser
+entry point (``optimize``, ``optimize_vector``, ``optimize_vectors``, the minibatch path,
+``optimize_many``'s ``Job``) and the command line are built from it: a field's name is the keyword
+argument's name, its default the keyword's default, and its ``help`` metadata the documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import validate
+
+if TYPE_CHECKING:
+    from .parameterization import Steering
+
+#: Step cap when neither ``max_iters`` nor a reachable ``target_loss`` ends the loop.
+DEFAULT_MAX_ITERS = 1000
+#: Step cap of the output-constrained phase when ``max_output_constr_iters`` is None.
+DEFAULT_OUTPUT_CONSTR_ITERS = 200
+
+
+def _f(default: Any, help: str, *, cli: bool = True) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "cli": cli})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeOptions:
+    """Hyper-parameters of one steering optimisation (losses in nats).
+
+    Build with keywords (``OptimizeOptions(lr=0.1, max_iters=30)``); invalid values raise
+    ``ValueError``/``TypeError`` naming the field. ``dataclasses.replace`` gives a modified copy.
+    """
+
+    # --- optimiser
+    lr: float = _f(0.01, "Adam learning rate (constant).")
+    max_iters: int | None = _f(None, "Exact number of optimiser steps; None: until target/convergence "
+                                     f"(at most {DEFAULT_MAX_ITERS}).")
+    eps: float = _f(1e-6, "Convergence threshold on the loss change (nats), used when neither max_iters nor "
+                          "target_loss is given.")
+    seed: int | None = _f(None, "Seed of the initial parameters and the noise (reproducible trajectories).")
+    # --- objective
+    coldness: float = _f(0.7, "Inverse temperature applied to the logits in the loss.")
+    normalize_token_length: bool = _f(False, "Divide each completion's loss by its token count.")
+    only_hook_prompt: bool = _f(False, "Steer prompt positions only.")
+    do_one_minus: bool = _f(True, "Suppression loss -sum log(1-p) (True) or +sum log p (False).")
+    # --- stopping
+    target_loss: float | None = _f(None, "Stop when the loss (nats) is at or below this.")
+    do_target_loss_sum: bool = _f(True, "target_loss applies to the summed loss (True) or to every completion.")
+    target_loss_target_iters: int = _f(1, "Consecutive evaluations at or below target_loss needed to stop.")
+    # --- parameterisation
+    max_norm: float | None = _f(None, "Cap on the vector's L2 norm (projection after every step).")
+    starting_norm: float = _f(1.0, "L2 norm of the random initial vector.")
+    starting_vec: torch.Tensor | None = _f(None, "Initial vector (d,) instead of a random one.", cli=False)
+    vector_clamp: float | None = _f(None, "Clamp steering h - (h.v^)v^ + c v with c = vector_clamp.")
+    affine_rank: int | None = _f(None, "Also learn a rank-r affine map h -> h + h M^T + v (M = L^T R).")
+    max_affine_norm: float | None = _f(2.0, "Cap on the norm of every row of the affine factors L and R.")
+    starting_affine_norm: float = _f(1.0, "Norm of every row of the random initial affine factors.")
+    parameterization: type[Steering] | None = _f(
+        None, "A Steering subclass to optimise instead of the one chosen by vector_clamp / affine_rank.", cli=False)
+    # --- noise
+    noise_scale: float | None = _f(None, "Std of Gaussian noise added to the vector at every evaluation.")
+    do_tangent_space_noise: bool = _f(True, "Remove the noise's component along the unsteered-loss gradient.")
+    # --- regularisers (one vector per layer: optimize_vectors)
+    regularization_weight: float = _f(0.0, "Weight of the L1 (or max-abs) penalty on every vector.")
+    regularization_type: str = _f("l1", "'l1' or 'max'.")
+    sparsity_weight: float = _f(0.0, "Weight of the sum of per-layer L2 norms.")
+    entropy_weight: float = _f(0.0, "Weight of the entropy of softmax(per-layer norms): steer few layers.")
+    # --- output-constrained phase
+    do_output_constr: bool = _f(False, "After the first phase, minimise the norm while the losses stay on target.")
+    output_constr_lr: float | None = _f(None, "Learning rate of that phase (None: lr).")
+    max_output_constr_iters: int | None = _f(None, "Iterations of that phase (None: "
+                                                   f"{DEFAULT_OUTPUT_CONSTR_ITERS}).")
+    output_constr_damping: float = _f(1.0, "Damping of the method of multipliers.")
+    output_constr_patience: int = _f(20, "Stop that phase after this many iterations without a smaller norm.")
+    output_constr_norm_initial_scale: float = _f(1.0, "With a custom objective: keep the norm <= this x its "
+                                                      "starting value.")
+    # --- execution
+    engine: str = _f("fast", "'fast' (cached, batched) or 'reference' (the naive algorithm).")
+    max_batch_tokens: int = _f(16384, "Token budget of one forward/backward chunk (bounds memory).")
+    progress: bool | None = _f(None, "Show a progress bar (None: on in Jupyter, off elsewhere).", cli=False)
+
+    def __post_init__(self) -> None:
+        v = validate
+        v.lr("lr", self.lr)
+        v.integer("max_iters", self.max_iters, 0, allow_none=True)
+        v.positive("eps", self.eps, allow_none=False, allow_zero=True)
+        v.seed("seed", self.seed)
+        v.positive("coldness", self.coldness, allow_none=False)
+        for flag in ("normalize_token_length", "only_hook_prompt", "do_one_minus", "do_target_loss_sum",
+                     "do_tangent_space_noise", "do_output_constr"):
+            v.boolean(flag, getattr(self, flag))
+        v.real("target_loss", self.target_loss, allow_none=True, finite=False, unit=" (nats)")
+        v.integer("target_loss_target_iters", self.target_loss_target_iters, 1)
+        v.positive("max_norm", self.max_norm)
+        v.positive("starting_norm", self.starting_norm, allow_none=False)
+        v.real("vector_clamp", self.vector_clamp, allow_none=True)
+        v.integer("affine_rank", self.affine_rank, 1, allow_none=True)
+        v.positive("max_affine_norm", self.max_affine_norm)
+        v.positive("starting_affine_norm", self.starting_affine_norm, allow_none=False)
+        if self.affine_rank is not None and self.vector_clamp is not None:
+            raise ValueError("`vector_clamp` and `affine_rank` cannot be combined")
+        if self.parameterization is not None and (self.affine_rank is not None or self.vector_clamp is not None):
+            raise ValueError("`parameterization` replaces `vector_clamp` / `affine_rank`: give one or the other")
+        v.positive("noise_scale", self.noise_scale, allow_zero=True)
+        for name in ("regularization_weight", "sparsity_weight", "entropy_weight"):
+            v.positive(name, getattr(self, name), allow_none=False, allow_zero=True)
+        v.choice("regularization_type", self.regularization_type, ("l1", "max"))
+        v.lr("output_constr_lr", self.output_constr_lr, allow_none=True)
+        v.integer("max_output_constr_iters", self.max_output_constr_iters, 0, allow_none=True)
+        v.positive("output_constr_damping", self.output_constr_damping, allow_none=False, allow_zero=True)
+        v.integer("output_constr_patience", self.output_constr_patience, 1)
+        v.positive("output_constr_norm_initial_scale", self.output_constr_norm_initial_scale, allow_none=False)
+        v.choice("engine", self.engine, ("fast", "reference"))
+        v.integer("max_batch_tokens", self.max_batch_tokens, 1)
+        if self.progress is not None:
+            v.boolean("progress", self.progress)
+        if self.starting_vec is not None and not isinstance(self.starting_vec, torch.Tensor):
+            raise TypeError(f"`starting_vec` must be a torch.Tensor, got {type(self.starting_vec).__name__}")
+        if self.parameterization is not None:
+            from .parameterization import Steering
+
+            if not (isinstance(self.parameterization, type) and issubclass(self.parameterization, Steering)):
+                raise TypeError(f"`parameterization` must be a steering_opt.Steering subclass, got "
+                                f"{self.parameterization!r:.60}")
+
+    def check(self, d: int) -> None:
+        """The checks that need the model's hidden size ``d``."""
+        if self.affine_rank is not None:
+            validate.integer("affine_rank", self.affine_rank, 1, maximum=d, what=" (the hidden size)")
+        if self.starting_vec is not None:
+            validate.vector("starting_vec", self.starting_vec, d)
+            if self.vector_clamp is not None and float(self.starting_vec.norm()) == 0:
+                raise ValueError("`vector_clamp` needs a non-zero `starting_vec` (got a zero vector)")
+
+    @property
+    def step_cap(self) -> int:
+        """The number of steps after which the loop stops at the latest."""
+        return self.max_iters if self.max_iters is not None else DEFAULT_MAX_ITERS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able settings (tensors and classes summarised), e.g. for a saved vector's metadata."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            val = getattr(self, f.name)
+            if isinstance(val, torch.Tensor):
+                val = f"tensor{tuple(val.shape)}"
+            elif isinstance(val, type):
+                val = getattr(val, "kind", val.__name__)
+            out[f.name] = val
+        return out
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def build(cls, options: OptimizeOptions | None = None, overrides: Mapping[str, Any] | None = None,
+              *, where: str = "") -> OptimizeOptions:
+        """``options`` (or the defaults) with ``overrides`` applied; unknown names raise ``TypeError``
+        naming them; ``where`` (e.g. ``"jobs[3]: "``) prefixes error messages."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(f"{where}unknown option(s) {unknown}; valid options: {', '.join(cls.field_names())}")
+        try:
+            if options is None:
+                return cls(**overrides)
+            if not isinstance(options, cls):
+                raise TypeError(f"`options` must be an OptimizeOptions, got {type(options).__name__}")
+            return dataclasses.replace(options, **overrides)
+        except (TypeError, ValueError) as e:
+            if not where:
+                raise
+            raise type(e)(f"{where}{e}") from None
