@@ -47,3 +47,4 @@ test: $(STAMP) model-cache
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy steering_opt

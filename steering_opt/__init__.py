@@ -45,7 +45,7 @@ _EXPORTS: dict[str, str] = {
     "mean_aggregator": "contrastive",
     "pca_aggregator": "contrastive",
     "projection_operator": "contrastive",
-    "train_steering_vector": "contrastive",
+    "train_steering_vector": "compat.steering_vectors",
     # the optimiser core: options, parameterisations, results
     "optimize": "optimize",
     "OptimizeOptions": "options",
@@ -70,11 +70,11 @@ _EXPORTS: dict[str, str] = {
     "make_abl_mat": "compat.llm_steering_opt",
     "make_steering_hook_hf": "compat.llm_steering_opt",
     "steer": "hooks",
-    # injectors
-    "ActivationHook": "injectors",
-    "ActivationInjector": "injectors",
-    "MultiVectorInjector": "injectors",
-    "generate_with_steering": "injectors",
+    # injectors (rotalabs-steer compatible)
+    "ActivationHook": "compat.rotalabs_steer",
+    "ActivationInjector": "compat.rotalabs_steer",
+    "MultiVectorInjector": "compat.rotalabs_steer",
+    "generate_with_steering": "compat.rotalabs_steer",
     # data files
     "load_contrast_pairs": "jsonl",
     "load_datapoints": "jsonl",
@@ -83,9 +83,9 @@ _EXPORTS: dict[str, str] = {
     "load_tokenizer": "models",
     # optimisation
     "make_melbo_loss_funcs": "melbo",
-    "optimize_vector": "optimize",
-    "optimize_vector_minibatch_hf": "optimize",
-    "optimize_vectors": "optimize",
+    "optimize_vector": "compat.llm_steering_opt",
+    "optimize_vector_minibatch_hf": "compat.llm_steering_opt",
+    "optimize_vectors": "compat.llm_steering_opt",
     "Job": "scale",
     "optimize_many": "scale",
     # persistence and interop
@@ -122,7 +122,10 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ActivationHook",
+    "Additive",
+    "Affine",
     "ActivationInjector",
+    "Clamp",
     "ContrastPair",
     "EvalResult",
     "Evaluator",
@@ -131,9 +134,12 @@ __all__ = [
     "LanguageScorer",
     "MultiVectorInjector",
     "Objective",
+    "OptimizeOptions",
+    "OptimizeResult",
     "RefusalScorer",
     "SITES",
     "SentimentScorer",
+    "Steering",
     "SteeringFileError",
     "SteeringVector",
     "SweepResult",
@@ -171,6 +177,7 @@ __all__ = [
     "make_steering_hook_hf",
     "mean_aggregator",
     "num_layers",
+    "optimize",
     "optimize_many",
     "optimize_vector",
     "optimize_vector_minibatch_hf",
@@ -191,10 +198,13 @@ __all__ = [
     "train_steering_vector",
 ]
 
-# The same names imported for real, so that type checkers and IDEs see them. ``evaluate`` and ``sweep`` are typed as
-# the functions (as before); at run time they are the callable modules.
+# The same names imported for real, so that type checkers and IDEs see them. ``evaluate``, ``optimize`` and ``sweep``
+# are typed as the functions; at run time they are the callable modules.
 if TYPE_CHECKING:
     from .arch import SITES, get_blocks, get_site_module, hidden_size, num_layers, resolve_layer
+    from .compat.llm_steering_opt import hf_hooks_contextmanager, make_abl_mat, make_steering_hook_hf
+    from .compat.rotalabs_steer import ActivationHook, ActivationInjector, MultiVectorInjector, generate_with_steering
+    from .compat.steering_vectors import train_steering_vector
     from .contrastive import (
         ContrastPair,
         ablation_operator,
@@ -206,16 +216,18 @@ if TYPE_CHECKING:
         mean_aggregator,
         pca_aggregator,
         projection_operator,
-        train_steering_vector,
     )
     from .data import TrainingDatapoint
     from .engine import Objective
     from .evaluate import EvalResult, Evaluator, completion_logprobs, evaluate, kl_divergence, perplexity
-    from .hooks import frozen_model, hf_hooks_contextmanager, make_abl_mat, make_steering_hook_hf, steer
-    from .injectors import ActivationHook, ActivationInjector, MultiVectorInjector, generate_with_steering
+    from .hooks import frozen_model, steer
     from .jsonl import load_contrast_pairs, load_datapoints
+    from .loop import OptimizeResult
+    from .melbo import make_melbo_loss_funcs
     from .models import load_model, load_tokenizer
-    from .optimize import make_melbo_loss_funcs, optimize_vector, optimize_vector_minibatch_hf, optimize_vectors
+    from .optimize import optimize, optimize_vector, optimize_vector_minibatch_hf, optimize_vectors
+    from .options import OptimizeOptions
+    from .parameterization import Additive, Affine, Clamp, Steering
     from .persist import SteeringFileError, check_compatible, export_gguf, export_tensors, import_gguf, load, save
     from .plots import plot_layer_norms, plot_loss_curve, plot_pca
     from .sampling import get_completion_logprob, get_completion_logprob_hf, sample_most_likely_completions_hf

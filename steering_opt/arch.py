@@ -472,13 +472,13 @@ def get_site_module(
     rel = _site_rel_path(model, site)
     layer = resolve_layer(model, layer)
     block = get_blocks(model)[layer]
-    module = _get(block, rel)
-    if module is None:
+    found = _get(block, rel)
+    if found is None:
         raise ArchitectureError(
             f"block {layer} ({type(block).__name__}) has no submodule {rel!r} for site {site!r}; "
             "pass a layer_config override (e.g. 'model.layers.{num}.mlp')"
         )
-    return module
+    return found
 
 
 def site_path(model: nn.Module, layer: int, site: str = "decoder_block", layer_config: LayerConfig = None) -> str:
@@ -661,5 +661,6 @@ def execution_device(module: nn.Module) -> torch.device:
 
 def input_device(model: nn.Module) -> torch.device:
     """The device the model's input ids must be on (that of its input embeddings)."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)  # HF models; typed as nn.Module's Tensor | Module
+    emb = get_embeddings() if get_embeddings is not None else None
     return execution_device(emb if emb is not None else model)

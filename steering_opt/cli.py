@@ -1,11 +1,11 @@
-"""The ``steering-opt`` command line.
+"""The ``steering-opt`` command line, a thin layer over the library.
 
-Subcommands: ``optimize`` (gradient-descent steering from datapoints), ``train`` (contrastive vectors from
-pairs), ``generate`` (text under saved vectors), ``sweep`` (layers x strengths table and heatmap),
-``export`` (GGUF for llama.cpp, .pt/.npy/.npz), ``info`` (a saved vector's metadata) and ``demo``.
-
-User errors (bad option values, a missing or malformed file, a model that is not available, an unknown
-layer) print one line to stderr and exit with status 2; no traceback.
+``optimize`` (:func:`steering_opt.optimize.optimize`, one flag per :class:`~steering_opt.options.OptimizeOptions`
+field), ``train`` (contrastive vectors), ``generate``, ``sweep`` (:func:`steering_opt.sweep.sweep`), ``export``
+(GGUF, .pt/.npy/.npz), ``info`` and ``demo``. User errors (bad option values, a missing or malformed file, an
+unavailable model, an unknown layer) print one line to stderr and exit with status 2; no traceback. The library is
+imported inside the commands, and flags that need it are added only when their subcommand is parsed, so
+``steering-opt --help`` imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
+import inspect
 import io
 import json
 import logging
@@ -21,14 +23,24 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
-DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
+AGGREGATORS = ("mean", "pca", "logistic")
+EXPORT_FORMATS = ("gguf", "pt", "npy", "npz")
+#: ``optimize --joint`` (one plain vector per layer) refuses the first fields and needs it for the second.
+SINGLE_ONLY = ("vector_clamp", "affine_rank", "noise_scale", "do_output_constr")
+JOINT_ONLY = ("regularization_weight", "sparsity_weight", "entropy_weight")
+#: OptimizeOptions fields that ``sweep`` sets itself (its variants and seed) or cannot use (affine maps and
+#: per-layer regularisers).
+SWEEP_MANAGED = ("seed", "max_norm", "vector_clamp", "affine_rank", "max_affine_norm", "starting_affine_norm",
+                 "regularization_weight", "regularization_type", "sparsity_weight", "entropy_weight")
+#: Generated flags spelt as in earlier releases (the rest: ``_flag``).
+FLAG_NAMES = {"do_tangent_space_noise": "--tangent-noise"}
 
 
 class _UserError(Exception):
@@ -36,92 +48,122 @@ class _UserError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but its errors are one line (no usage dump) and exit with status 2."""
+    """argparse, but its errors are one line (no usage dump) and exit with status 2, and the functions in
+    ``deferred`` (which add arguments that need the library, hence torch) run only when this parser is used."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        while self.deferred:
+            self.deferred.pop(0)(self)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
         raise _UserError(f"{self.prog}: {message} (see --help)")
 
 
 # ------------------------------------------------------------------------------------ argument types
 
 
-def _positive_int(text: str) -> int:
+def _number(cast: Callable[[str], float], low: float | None = None, *, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite number (``cast`` is int or float), ``>= low`` (``> low`` if ``strict``)."""
+    expected = ("an integer" if cast is int else "a number") + ("" if low is None else
+                                                               f" {'>' if strict else '>='} {low:g}")
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (low is not None and (value < low or (strict and value == low))):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, with ``none`` meaning None."""
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+_INT, _POS_INT, _NONNEG_INT = _number(int), _number(int, 0, strict=True), _number(int, 0)
+_FLOAT, _POS_FLOAT, _NONNEG_FLOAT = _number(float), _number(float, 0, strict=True), _number(float, 0)
+
+
+def _flag(field: str) -> str:
+    """The flag of an OptimizeOptions field: ``max_iters`` -> ``--max-iters``, ``do_one_minus`` -> ``--one-minus``."""
+    return FLAG_NAMES.get(field) or "--" + field.removeprefix("do_").replace("_", "-")
+
+
+def _add_option_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = (),
+                      defaults: dict[str, Any] | None = None) -> None:
+    """One flag per command-line field of OptimizeOptions (name, type, default and help from the field; bools as
+    ``--x/--no-x``, optional values also take ``none``); the fields are recorded as ``args.option_fields``."""
+    from .options import OptimizeOptions
+
+    parsers: dict[str, Callable[[str], Any]] = {"int": _INT, "float": _FLOAT, "str": str}
+    g = p.add_argument_group("optimiser options (steering_opt.OptimizeOptions)")
+    names = []
+    for f in dataclasses.fields(OptimizeOptions):
+        if not f.metadata.get("cli", True) or f.name in exclude:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        kind, optional = str(f.type).removesuffix(" | None"), str(f.type).endswith(" | None")
+        if kind == "bool":
+            action = g.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            action = g.add_argument(_flag(f.name), dest=f.name, default=default, metavar=kind.upper(),
+                                    type=_or_none(parsers[kind]) if optional else parsers[kind])
+        action.help = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        names.append(f.name)
+    if "do_target_loss_sum" in names:
+        g.add_argument("--per-completion-target", dest="do_target_loss_sum", action="store_false",
+                       default=argparse.SUPPRESS, help="every completion must reach --target-loss "
+                                                       "(= --no-target-loss-sum)")
+    p.set_defaults(option_fields=tuple(names))
+
+
+def _options(args: argparse.Namespace) -> Any:
+    """The OptimizeOptions of the generated flags; an invalid value is a user error naming its flag."""
+    from .options import OptimizeOptions
+
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _check_device(device: str | None) -> None:
-    """Raise ValueError for a device string torch does not know or a backend that is not available."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"invalid --device {device!r}: {str(exc).splitlines()[0]}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device!r}: MPS is not available on this machine")
+        return OptimizeOptions(**{name: getattr(args, name) for name in args.option_fields})
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        for name in args.option_fields:
+            message = message.replace(f"`{name}`", _flag(name))
+        raise _UserError(message) from None
 
 
 # ------------------------------------------------------------------------------------ shared helpers
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .models import load_model, parse_dtype
-
-    dtype = parse_dtype(args.dtype)
-    _check_device(args.device)
-    return load_model(args.model, device=args.device, dtype=dtype)
-
-
-def _check_model_options(args: argparse.Namespace) -> None:
-    """Fail fast on a bad --dtype/--device, before reading data or loading anything."""
+def _check_model_options(args: argparse.Namespace) -> Any:
+    """Fail fast on a bad --dtype/--device, before reading data or loading anything; returns the dtype."""
     from .models import parse_dtype
 
-    parse_dtype(args.dtype)
-    _check_device(args.device)
+    dtype = parse_dtype(args.dtype)
+    if args.device is not None:
+        import torch
+
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError as exc:
+            raise ValueError(f"invalid --device {args.device!r}: {str(exc).splitlines()[0]}") from None
+        backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(kind)
+        if backend is not None and not backend.is_available():
+            raise ValueError(f"--device {args.device!r}: {kind.upper()} is not available on this machine")
+    return dtype
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=_check_model_options(args))
 
 
 def _model_label(args: argparse.Namespace) -> str:
@@ -133,28 +175,42 @@ def _model_label(args: argparse.Namespace) -> str:
 def _fingerprint(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     from .arch import model_fingerprint
 
-    fp = model_fingerprint(model)
-    fp["name_or_path"] = _model_label(args)
-    return fp
+    return {**model_fingerprint(model), "name_or_path": _model_label(args)}
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def _norms(vector: Any, fmt: str = ".3g") -> str:
+    return ", ".join(f"{k}: {float(v.norm()):{fmt}}" for k, v in sorted(vector.layer_activations.items()))
+
+
+def _check_unique(flag: str, values: Sequence[int] | None) -> None:
+    if values is not None and len(set(values)) != len(values):
+        raise _UserError(f"{flag} lists a layer twice: {list(values)}")
+
+
+def _check_output(path: str, kind: str) -> Path:
+    """Fail before any expensive work if an output path cannot be used; ``kind``: ``"save"`` (a vector save
+    target: folder or .safetensors), ``"file"`` or ``"folder"``."""
+    p = Path(path)
+    if kind == "save":
+        from .persist import check_save_target
+
+        check_save_target(p)
+    elif kind == "file" and p.is_dir():
+        raise IsADirectoryError(f"{p}: is a folder, expected a file path")
+    elif kind == "folder" and p.exists() and not p.is_dir():
+        raise FileExistsError(f"{p}: exists and is not a folder")
+    return p
 
 
 def _chat(tokenizer: Any, text: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat: this model's tokenizer has no chat template")
-    from .demo import chat_prompt
-
-    return chat_prompt(tokenizer, text)
-
-
-def _check_out(path: str) -> None:
-    """Fail before any expensive work if ``--out`` cannot be written."""
-    from .persist import check_save_target
-
-    check_save_target(Path(path))
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _read_datapoints(args: argparse.Namespace) -> list[Any]:
@@ -170,17 +226,41 @@ def _read_datapoints(args: argparse.Namespace) -> list[Any]:
         raise _UserError("no datapoints: give --datapoints FILE.jsonl, or --prompt TEXT with --dst/--src completions")
     if not args.dst and not args.src:
         raise _UserError("--prompt needs at least one completion: --dst TEXT (promote) and/or --src TEXT (suppress)")
-    try:
-        return [TrainingDatapoint(args.prompt, src_completions=list(args.src or []),
-                                  dst_completions=list(args.dst or []))]
-    except TypeError as exc:
-        raise ValueError(str(exc)) from None
+    return [TrainingDatapoint(args.prompt, src_completions=list(args.src or []), dst_completions=list(args.dst or []))]
 
 
 def _apply_chat(datapoints: list[Any], tokenizer: Any) -> list[Any]:
-    import dataclasses
-
     return [dataclasses.replace(dp, prompt=_chat(tokenizer, dp.prompt)) for dp in datapoints]
+
+
+def _read_prompts_file(path: str) -> list[str]:
+    """Prompts from a file: one per line (.txt), or ``{"prompt": ...}`` per line (.jsonl)."""
+    p = Path(path)
+    if p.suffix != ".jsonl":
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+        return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from .jsonl import JSONLError, iter_jsonl
+
+    prompts = []
+    for number, obj in iter_jsonl(p):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+            raise JSONLError('expected {"prompt": "..."}', str(p), number)
+        prompts.append(obj["prompt"])
+    return prompts
+
+
+def _save_figure(draw: Callable[[], Any], path: Path, what: str) -> bool:
+    """Write the Figure that ``draw()`` returns as a PNG, atomically; a warning, not an error, without matplotlib."""
+    from .fsutil import atomic_write_file
+
+    try:
+        fig = draw()
+    except ImportError as exc:
+        logger.warning("%s; no %s", exc, what)
+        return False
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    return True
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -203,170 +283,66 @@ def _add_datapoint_options(p: argparse.ArgumentParser) -> None:
                    help="wrap each prompt in the tokenizer's chat template (a user turn + generation prompt)")
 
 
-def _write_png(fig: Any, path: Path) -> None:
-    from .persist import atomic_write_file
-
-    atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-
-
-def _save_loss_curve(info: dict[str, Any], path: Path, target_loss: float | None = None) -> bool:
-    """Write the loss-curve PNG (``plots.plot_loss_curve``); a warning, not an error, without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install 'steering-opt[plot]'); no loss-curve PNG")
-        return False
-    try:
-        from .plots import plot_loss_curve
-    except ImportError:  # plots.py not available in this installation: a plain curve
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        hist = info.get("loss_history") or []
-        ax.plot(range(len(hist)), hist, marker="." if len(hist) < 50 else None)
-        ax.set_xlabel("evaluation (optimiser step)")
-        ax.set_ylabel("loss (nats)")
-        if target_loss is not None:
-            ax.axhline(target_loss, linestyle="--", color="gray")
-        ax.set_title("optimisation loss")
-        ax.grid(alpha=0.3)
-    else:
-        result = plot_loss_curve(info, target_loss=target_loss)
-        fig = result[0] if isinstance(result, tuple) else getattr(result, "figure", result)
-    try:
-        _write_png(fig, path)
-    finally:
-        plt.close(fig)
-    return True
-
-
-def _plot_path(out: str, plot: str | None) -> Path:
-    if plot is not None:
-        return Path(plot)
-    p = Path(out)
-    return p.with_name(p.stem + ".loss_curve.png") if p.suffix == ".safetensors" else p / "loss_curve.png"
-
-
-def _total_loss(info: dict[str, Any]) -> float:
-    loss = info.get("loss")
-    if isinstance(loss, (int, float)):
-        return float(loss)
-    nested = info.get("completion_losses") or loss or []
-    return float(sum(x for dp in nested for kind in dp for x in kind))
-
-
-# ------------------------------------------------------------------------------------------- demo
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .models import parse_dtype
-
-    dtype = parse_dtype(args.dtype)  # fail fast on a bad --dtype/--device, before loading anything
-    _check_device(args.device)
-    run_demo(args.model, device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens, layer=args.layer,
-             max_iters=args.max_iters)
-    return 0
-
-
 # --------------------------------------------------------------------------------------- optimize
-
-
-def _optimize_hparams(args: argparse.Namespace) -> dict[str, Any]:
-    common = dict(lr=args.lr, max_iters=args.max_iters, coldness=args.coldness,
-                  normalize_token_length=args.normalize_token_length, only_hook_prompt=args.only_hook_prompt,
-                  target_loss=args.target_loss, do_target_loss_sum=not args.per_completion_target,
-                  target_loss_target_iters=args.target_loss_target_iters, do_one_minus=not args.no_one_minus,
-                  max_norm=args.max_norm, starting_norm=args.starting_norm, seed=args.seed, engine=args.engine,
-                  max_batch_tokens=args.max_batch_tokens)
-    if args.joint:
-        common.update(regularization_weight=args.regularization_weight,
-                      regularization_type=args.regularization_type, sparsity_weight=args.sparsity_weight,
-                      entropy_weight=args.entropy_weight)
-    else:
-        common.update(vector_clamp=args.vector_clamp, affine_rank=args.affine_rank,
-                      max_affine_norm=args.max_affine_norm, starting_affine_norm=args.starting_affine_norm,
-                      noise_scale=args.noise_scale, do_tangent_space_noise=not args.no_tangent_noise,
-                      do_output_constr=args.output_constr, output_constr_lr=args.output_constr_lr,
-                      max_output_constr_iters=args.max_output_constr_iters)
-    return common
 
 
 def _check_optimize_args(args: argparse.Namespace) -> None:
     if args.joint:
-        single_only = {"--vector-clamp": args.vector_clamp, "--affine-rank": args.affine_rank,
-                       "--noise-scale": args.noise_scale, "--output-constr": args.output_constr or None}
-        bad = [k for k, v in single_only.items() if v is not None]
+        bad = [_flag(f) for f in SINGLE_ONLY if getattr(args, f) not in (None, False)]
         if bad:
             raise _UserError(f"{', '.join(bad)} cannot be combined with --joint (one vector per layer)")
     else:
-        joint_only = {"--regularization-weight": args.regularization_weight, "--sparsity-weight": args.sparsity_weight,
-                      "--entropy-weight": args.entropy_weight}
-        bad = [k for k, v in joint_only.items() if v]
+        bad = [_flag(f) for f in JOINT_ONLY if getattr(args, f)]
         if bad:
             raise _UserError(f"{', '.join(bad)} only apply with --joint")
-    if args.vector_clamp is not None and args.affine_rank is not None:
-        raise _UserError("--vector-clamp and --affine-rank cannot be combined")
-    if args.output_constr and args.target_loss is None:
+    if args.do_output_constr and args.target_loss is None:
         raise _UserError("--output-constr needs --target-loss (the loss the norm-minimisation must keep)")
-    if len(set(args.layer)) != len(args.layer):
-        raise _UserError(f"--layer lists a layer twice: {args.layer}")
+    _check_unique("--layer", args.layer)
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from .optimize import optimize_vector, optimize_vectors
+    from .optimize import optimize
     from .persist import describe_datapoints, save
+    from .plots import plot_loss_curve
     from .vector import SteeringVector
 
+    options = _options(args)
     _check_optimize_args(args)
     _check_model_options(args)
     datapoints = _read_datapoints(args)
-    _check_out(args.out)
+    _check_output(args.out, "save")
     model, tokenizer = _load_model(args)
     if args.chat:
         datapoints = _apply_chat(datapoints, tokenizer)
-    hp = _optimize_hparams(args)
     layers = list(args.layer)
-    progress = _progress(args)
-    if args.joint:
-        vectors, info = optimize_vectors(model, datapoints, layers, tokenizer=tokenizer, progress=progress, **hp)
-        vector = SteeringVector.from_optimization(vectors, info)
-    else:
-        result = optimize_vector(model, datapoints, layers if len(layers) > 1 else layers[0], tokenizer=tokenizer,
-                                 progress=progress, **hp)
-        vec, info = result[0], result[-1]
-        vector = SteeringVector.from_optimization(vec, info, layers, clamp=args.vector_clamp)
-    final = _total_loss(info)
-    vector.metadata.update(
-        method="optimize_vectors" if args.joint else "optimize_vector",
-        hyperparameters=hp,
-        datapoints=describe_datapoints(datapoints),
-        chat_template=bool(args.chat),
-        iters=info.get("iters"),
-        status=info.get("status"),
-        final_loss=final,
-        loss_units="nats",
-        model=_fingerprint(model, args),
-    )
-    vector.metadata.pop("loss", None)  # a per-completion nested list with --per-completion-target
-    for key in ("output_constr_iters", "constraints_satisfied", "norm_before_output_constr"):
-        if key in info:
-            vector.metadata[key] = info[key]
+    result = optimize(model, tokenizer, datapoints, layers if args.joint or len(layers) > 1 else layers[0], options,
+                      per_layer=args.joint, progress=_progress(args))
+    extra = {k: v for k, v in result.extra.items()
+             if k in ("output_constr_iters", "constraints_satisfied", "norm_before_output_constr")}
+    vector = SteeringVector.from_optimization(
+        result.vectors if args.joint else result.vector, result.info, layers, clamp=options.vector_clamp,
+        metadata=dict(method="optimize_vectors" if args.joint else "optimize_vector",
+                      hyperparameters={name: getattr(options, name) for name in args.option_fields},
+                      datapoints=describe_datapoints(datapoints), chat_template=bool(args.chat), iters=result.iters,
+                      status=result.status, final_loss=result.loss, loss_units="nats",
+                      model=_fingerprint(model, args), **extra))
+    vector.metadata.pop("loss", None)  # final_loss holds it
     out = save(vector, args.out)
-    hist = info.get("loss_history") or [final]
-    norms = ", ".join(f"{k}: {float(v.norm()):.3g}" for k, v in sorted(vector.layer_activations.items()))
+    first = result.loss_history[0] if result.loss_history else result.loss
     article = "an" if vector.kind[0] in "aeiou" else "a"
-    print(f"Optimised {article} {vector.kind} vector at layer(s) {layers}: {info.get('iters')} steps, loss "
-          f"{hist[0]:.4g} -> {final:.4g} nats ({info.get('status')}), norm(s) {{{norms}}}")
-    if "output_constr_iters" in info:
-        print(f"Then {info['output_constr_iters']} norm-minimisation steps: norm "
-              f"{info['norm_before_output_constr']:.4g} -> {info['norm']:.4g}, constraints "
-              f"{'satisfied' if info.get('constraints_satisfied') else 'NOT satisfied'}")
+    print(f"Optimised {article} {vector.kind} vector at layer(s) {layers}: {result.iters} steps, loss "
+          f"{first:.4g} -> {result.loss:.4g} nats ({result.status}), norm(s) {{{_norms(vector)}}}")
+    if extra:
+        print(f"Then {extra['output_constr_iters']} norm-minimisation steps: norm "
+              f"{extra['norm_before_output_constr']:.4g} -> {result.norm:.4g}, constraints "
+              f"{'satisfied' if extra['constraints_satisfied'] else 'NOT satisfied'}")
     print(f"Saved to {out}")
     if not args.no_plot:
-        plot = _plot_path(args.out, args.plot)
-        if _save_loss_curve(info, plot, args.target_loss):
+        p = Path(args.out)
+        plot = Path(args.plot) if args.plot is not None else (
+            p.with_name(p.stem + ".loss_curve.png") if p.suffix == ".safetensors" else p / "loss_curve.png")
+        if _save_figure(lambda: plot_loss_curve(result.loss_history, target_loss=options.target_loss), plot,
+                        "loss-curve PNG"):
             print(f"Loss curve: {plot}")
     return 0
 
@@ -380,76 +356,32 @@ def _add_optimize_parser(sub: Any) -> None:
     p.add_argument("--layer", type=int, nargs="+", required=True,
                    help="layer(s) to steer (input of decoder block L); several layers share one vector "
                         "unless --joint")
+    p.add_argument("--joint", action="store_true",
+                   help="optimise one vector per --layer jointly (with the regularisation weights)")
     p.add_argument("--out", required=True, help="output folder (or FILE.safetensors)")
     p.add_argument("--plot", default=None, help="loss-curve PNG path (default: OUT/loss_curve.png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the loss-curve PNG")
-    o = p.add_argument_group("optimiser")
-    o.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default: 0.01)")
-    o.add_argument("--max-iters", type=_nonneg_int, default=None,
-                   help="optimiser steps (default: until --target-loss or convergence, at most 1000)")
-    o.add_argument("--target-loss", type=_float, default=None, help="stop when the loss (nats) is <= this")
-    o.add_argument("--target-loss-target-iters", type=_positive_int, default=1,
-                   help="consecutive evaluations at target before stopping (default: 1)")
-    o.add_argument("--per-completion-target", action="store_true",
-                   help="every completion must reach the target (do_target_loss_sum=False)")
-    o.add_argument("--coldness", type=_positive_float, default=0.7, help="inverse temperature of the loss (0.7)")
-    o.add_argument("--normalize-token-length", action="store_true", help="divide each loss by its token count")
-    o.add_argument("--only-hook-prompt", action="store_true", help="steer prompt positions only")
-    o.add_argument("--no-one-minus", action="store_true",
-                   help="suppression loss +sum log p instead of -sum log(1-p) (do_one_minus=False)")
-    o.add_argument("--max-norm", type=_positive_float, default=None, help="cap on the vector norm")
-    o.add_argument("--starting-norm", type=_positive_float, default=1.0, help="norm of the random start (1)")
-    o.add_argument("--seed", type=int, default=None, help="random seed (initial vector, noise)")
-    o.add_argument("--engine", choices=("fast", "reference"), default="fast", help="loss engine (fast)")
-    o.add_argument("--max-batch-tokens", type=_positive_int, default=16384, help="memory bound of one chunk")
-    k = p.add_argument_group("kind of steering (single vector)")
-    k.add_argument("--vector-clamp", type=_float, default=None, help="clamp steering with this coefficient")
-    k.add_argument("--affine-rank", type=_positive_int, default=None, help="learn a rank-r affine map too")
-    k.add_argument("--max-affine-norm", type=_positive_float, default=2.0, help="row-norm cap of the factors (2)")
-    k.add_argument("--starting-affine-norm", type=_positive_float, default=1.0, help="initial factor row norm (1)")
-    k.add_argument("--noise-scale", type=_nonneg_float, default=None, help="Gaussian noise std added to v")
-    k.add_argument("--no-tangent-noise", action="store_true", help="plain (not tangent-space) noise")
-    k.add_argument("--output-constr", action="store_true",
-                   help="then minimise the norm keeping the losses at target (needs --target-loss)")
-    k.add_argument("--output-constr-lr", type=_positive_float, default=None, help="lr of that phase (default: --lr)")
-    k.add_argument("--max-output-constr-iters", type=_positive_int, default=None, help="steps of that phase (200)")
-    j = p.add_argument_group("one vector per layer (--joint, optimize_vectors)")
-    j.add_argument("--joint", action="store_true", help="optimise one vector per --layer jointly")
-    j.add_argument("--regularization-weight", type=_nonneg_float, default=0.0, help="weight of L1/max penalty")
-    j.add_argument("--regularization-type", choices=("l1", "max"), default="l1", help="penalty type (l1)")
-    j.add_argument("--sparsity-weight", type=_nonneg_float, default=0.0, help="weight of the sum of L2 norms")
-    j.add_argument("--entropy-weight", type=_nonneg_float, default=0.0, help="weight of the layer-norm entropy")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.deferred.append(_add_option_flags)
     p.set_defaults(func=_cmd_optimize)
 
 
 # ------------------------------------------------------------------------------------------ train
 
 
-AGGREGATORS = ("mean", "pca", "logistic")
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
+    from . import contrastive
     from .jsonl import load_contrast_pairs
     from .persist import describe_datapoints, save
 
     _check_model_options(args)
     pairs = load_contrast_pairs(args.pairs)
-    _check_out(args.out)
-    try:
-        from . import contrastive
-    except ImportError as exc:
-        raise _UserError(f"contrastive training is not available in this installation ({exc})") from None
-    factory = getattr(contrastive, f"{args.aggregator}_aggregator", None)
-    if factory is None:
-        raise _UserError(f"aggregator {args.aggregator!r} is not available in steering_opt.contrastive")
+    _check_output(args.out, "save")
     model, tokenizer = _load_model(args)
-    kwargs: dict[str, Any] = dict(layers=args.layer, layer_type=args.site, aggregator=factory(),
-                                  read_token_index=args.read_token_index, show_progress=_progress(args))
-    if args.batch_size is not None:
-        kwargs["batch_size"] = args.batch_size
-    vector = contrastive.train_steering_vector(model, tokenizer, pairs, **kwargs)
-    vector.metadata.setdefault("method", "train_steering_vector")
+    kwargs = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    vector = contrastive.contrastive_vector(
+        model, tokenizer, pairs, args.layer, aggregator=getattr(contrastive, f"{args.aggregator}_aggregator")(),
+        layer_type=args.site, read_token_index=args.read_token_index, show_progress=_progress(args), **kwargs)
     vector.metadata.update(
         hyperparameters={"aggregator": args.aggregator, "layers": args.layer, "layer_type": args.site,
                          "read_token_index": args.read_token_index, "batch_size": args.batch_size},
@@ -457,16 +389,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model=_fingerprint(model, args),
     )
     out = save(vector, args.out)
-    norms = ", ".join(f"{k}: {float(v.norm()):.3g}" for k, v in sorted(vector.layer_activations.items()))
     print(f"Trained a {args.aggregator} vector from {len(pairs)} pairs at {vector.layer_type} layer(s) "
-          f"{vector.layers}: norms {{{norms}}}")
+          f"{vector.layers}: norms {{{_norms(vector)}}}")
     print(f"Saved to {out}")
     return 0
 
 
-def _add_train_parser(sub: Any) -> None:
+def _add_site_option(p: argparse.ArgumentParser) -> None:
     from .arch import SITES
 
+    p.add_argument("--site", choices=SITES, default="decoder_block", help="where to read/steer (decoder_block)")
+
+
+def _add_train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train a contrastive (CAA/PCA/probe) vector from contrast pairs",
                        description="Train a steering vector from contrast pairs (JSONL: "
                                    '{"positive": ..., "negative": ...} per line) and save it.')
@@ -474,11 +409,11 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--pairs", required=True, metavar="FILE", help="contrast pairs JSONL file")
     p.add_argument("--layer", type=int, nargs="+", default=None, help="layer(s) (default: every layer)")
     p.add_argument("--aggregator", choices=AGGREGATORS, default="mean", help="how to combine differences (mean)")
-    p.add_argument("--site", choices=SITES, default="decoder_block", help="where to read/steer (decoder_block)")
     p.add_argument("--read-token-index", type=int, default=-1, help="token whose activation is read (-1: last)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="pairs per forward pass")
+    p.add_argument("--batch-size", type=_POS_INT, default=None, help="pairs per forward pass")
     p.add_argument("--out", required=True, help="output folder (or FILE.safetensors)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.deferred.append(_add_site_option)
     p.set_defaults(func=_cmd_train)
 
 
@@ -490,34 +425,11 @@ def _parse_vector_specs(specs: list[list[str]] | None) -> list[tuple[str, float]
     for spec in specs or []:
         if len(spec) > 2:
             raise _UserError(f"--vector takes PATH [MULTIPLIER], got {len(spec)} values: {spec}")
-        mult = 1.0
-        if len(spec) == 2:
-            try:
-                mult = _float(spec[1])
-            except argparse.ArgumentTypeError:
-                raise _UserError(f"--vector {spec[0]}: multiplier must be a number, got {spec[1]!r}") from None
-        out.append((spec[0], mult))
+        try:
+            out.append((spec[0], _FLOAT(spec[1]) if len(spec) == 2 else 1.0))
+        except argparse.ArgumentTypeError:
+            raise _UserError(f"--vector {spec[0]}: multiplier must be a number, got {spec[1]!r}") from None
     return out
-
-
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts_file is not None:
-        path = Path(args.prompts_file)
-        if path.suffix == ".jsonl":
-            from .jsonl import JSONLError, iter_jsonl
-
-            for number, obj in iter_jsonl(path):
-                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-                    raise JSONLError('expected {"prompt": "..."}', str(path), number)
-                prompts.append(obj["prompt"])
-        else:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such file")
-            prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise _UserError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
-    return prompts
 
 
 def _generate(model: Any, tokenizer: Any, text: str, args: argparse.Namespace) -> str:
@@ -541,10 +453,13 @@ def _generate(model: Any, tokenizer: Any, text: str, args: argparse.Namespace) -
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .persist import atomic_write_file, check_compatible, load
+    from .fsutil import atomic_write_file
+    from .persist import check_compatible, load
 
     _check_model_options(args)
-    prompts = _read_prompts(args)
+    prompts = list(args.prompt or []) + (_read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise _UserError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     specs = _parse_vector_specs(args.vector)
     if not specs and not args.compare:
         logger.info("no --vector given: generating unsteered text")
@@ -555,7 +470,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for name, vec in members:
             loaded.append((f"{path}" if name is None else f"{path} [{name}]", vec, mult))
     if args.output is not None:
-        _check_writable_file(args.output)
+        _check_output(args.output, "file")
     model, tokenizer = _load_model(args)
     for where, vec, _ in loaded:
         check_compatible(vec, model, allow_mismatch=args.allow_model_mismatch, source=where,
@@ -584,12 +499,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable_file(path: str) -> None:
-    p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"{p}: is a folder, expected a file path")
-
-
 def _add_generate_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate text under one or more saved steering vectors",
                        description="Generate from prompt(s) with saved vectors applied (each with a multiplier). "
@@ -603,10 +512,10 @@ def _add_generate_parser(sub: Any) -> None:
                         "(default 1); repeatable")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--compare", action="store_true", help="also generate without steering")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate (40)")
-    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="sampling temperature; 0 = greedy (0)")
-    p.add_argument("--top-p", type=_positive_float, default=1.0, help="nucleus sampling (1.0)")
-    p.add_argument("--top-k", type=_nonneg_int, default=0, help="top-k sampling, 0 = off (0)")
+    p.add_argument("--max-new-tokens", type=_POS_INT, default=40, help="tokens to generate (40)")
+    p.add_argument("--temperature", type=_NONNEG_FLOAT, default=0.0, help="sampling temperature; 0 = greedy (0)")
+    p.add_argument("--top-p", type=_POS_FLOAT, default=1.0, help="nucleus sampling (1.0)")
+    p.add_argument("--top-k", type=_NONNEG_INT, default=0, help="top-k sampling, 0 = off (0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="apply vectors made for another architecture/layer count (same hidden size)")
@@ -618,154 +527,108 @@ def _add_generate_parser(sub: Any) -> None:
 # ------------------------------------------------------------------------------------------ sweep
 
 
-def _steered_loss(model: Any, tokenizer: Any, datapoints: Sequence[Any], coldness: float,
-                  do_one_minus: bool) -> float:
-    """Total loss (nats) of the datapoints' completions under whatever steering is active."""
-    from .sampling import get_completion_logprob_hf
-
-    total = 0.0
-    for dp in datapoints:
-        for comp in dp.dst_completions:
-            total -= float(get_completion_logprob_hf(model, dp.prompt, comp, tokenizer, coldness=coldness))
-        for comp in dp.src_completions:
-            lp = float(get_completion_logprob_hf(model, dp.prompt, comp, tokenizer, coldness=coldness,
-                                                 do_one_minus=do_one_minus))
-            total += -lp if do_one_minus else lp
-    return total
-
-
-def _heatmap(layers: list[int], strengths: list[float], losses: list[list[float]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install 'steering-opt[plot]'); no heatmap")
-        return False
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(strengths), 1.0 + 0.5 * len(layers)))
-    im = ax.imshow(losses, aspect="auto", cmap="viridis_r")
-    ax.set_xticks(range(len(strengths)), [f"{s:g}" for s in strengths])
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_xlabel("strength (multiplier)")
-    ax.set_ylabel("layer")
-    ax.set_title("steered loss (nats, lower = closer to target)")
-    finite = [v for row in losses for v in row if math.isfinite(v)]
-    mid = (min(finite) + max(finite)) / 2 if finite else 0.0
-    for i, row in enumerate(losses):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8,
-                    color="white" if v > mid else "black")
-    fig.colorbar(im, ax=ax, label="loss (nats)")
-    try:
-        _write_png(fig, path)
-    finally:
-        plt.close(fig)
-    return True
+#: sweep flags that are steering_opt.sweep.sweep() keywords (``dest``); their defaults are sweep()'s.
+SWEEP_FLAGS: dict[str, dict[str, Any]] = {
+    "--layers": dict(dest="layers", type=int, nargs="+", help="layers to try (None: chosen from the depth)"),
+    "--strengths": dict(dest="multipliers", type=_FLOAT, nargs="+", help="multipliers to try"),
+    "--max-norm": dict(dest="max_norms", type=_or_none(_POS_FLOAT), nargs="+",
+                       help="norm caps, each one variant (none: no cap)"),
+    "--clamp": dict(dest="clamps", type=_FLOAT, nargs="+", help="clamp coefficients, each one more variant"),
+    "--scorer": dict(dest="scorer", help="success scorer spec, e.g. refusal or language:es (generates)"),
+    "--criterion": dict(dest="criterion", choices=("auto", "margin", "fluent_success", "success"),
+                        help="what the recommended row maximises (auto: fluent_success with --scorer, else margin)"),
+    "--kl-weight": dict(dest="kl_weight", type=_NONNEG_FLOAT, help="weight of the neutral-prompt KL in 'margin'"),
+    "--max-new-tokens": dict(dest="max_new_tokens", type=_POS_INT, help="tokens generated per validation prompt"),
+    "--time-budget": dict(dest="time_budget_s", type=_POS_FLOAT, metavar="SECONDS",
+                          help="start no new layer/variant once this much time would be exceeded"),
+    "--seed": dict(dest="seed", type=_NONNEG_INT, help="seed of the train/validation split and the optimiser"),
+}
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from .fsutil import atomic_write_file
+    from .persist import save
+    from .sweep import plot_sweep_heatmap, sweep
 
-    from .optimize import optimize_vector
-    from .persist import atomic_write_file, save
-    from .vector import SteeringVector
-
+    options = _options(args)
+    _check_unique("--layers", args.layers)
     _check_model_options(args)
     datapoints = _read_datapoints(args)
-    if len(set(args.layers)) != len(args.layers):
-        raise _UserError(f"--layers lists a layer twice: {args.layers}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out}: exists and is not a folder")
+    validation = _read_prompts_file(args.validation_prompts) if args.validation_prompts else None
+    out = _check_output(args.out, "folder")
     model, tokenizer = _load_model(args)
     if args.chat:
         datapoints = _apply_chat(datapoints, tokenizer)
-    if any(dp.token is not None for dp in datapoints):
-        logger.warning("sweep measures the loss steering every position; the datapoints' `token` positions are "
-                       "used for optimisation only")
-    do_one_minus = not args.no_one_minus
-    strengths = list(args.strengths)
-    rows: list[dict[str, Any]] = []
-    grid: list[list[float]] = []
-    bar = tqdm(total=len(args.layers) * (1 + len(strengths)), desc="sweep", disable=not _progress(args))
-    try:
-        for layer in args.layers:
-            vec, info = optimize_vector(model, datapoints, layer, tokenizer=tokenizer, lr=args.lr,
-                                        max_iters=args.max_iters, coldness=args.coldness, max_norm=args.max_norm,
-                                        do_one_minus=do_one_minus, seed=args.seed)
-            bar.update(1)
-            vector = SteeringVector.from_optimization(vec, info, layer, metadata={
-                "method": "optimize_vector (sweep)", "model": _fingerprint(model, args),
-                "hyperparameters": {"lr": args.lr, "max_iters": args.max_iters, "coldness": args.coldness,
-                                    "max_norm": args.max_norm, "seed": args.seed}})
-            if args.save_vectors:
-                save(vector, out / "vectors" / f"layer_{layer}")
-            losses = []
-            for s in strengths:
-                total = 0.0
-                for dp in datapoints:  # is_negative datapoints are steered with -v
-                    with vector.apply(model, multiplier=-s if dp.is_negative else s):
-                        total += _steered_loss(model, tokenizer, [dp], args.coldness, do_one_minus)
-                losses.append(total)
-                rows.append({"layer": layer, "strength": s, "loss_nats": total, "train_loss_nats": _total_loss(info),
-                             "vector_norm": float(vec.norm()), "iters": info["iters"]})
-                bar.update(1)
-            grid.append(losses)
-    finally:
-        bar.close()
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {f["dest"]: getattr(args, f["dest"]) for f in SWEEP_FLAGS.values()}
+    optimize_kwargs = {name: getattr(options, name) for name in args.option_fields}
+    result = sweep(model, tokenizer, datapoints, validation_prompts=validation, optimize_kwargs=optimize_kwargs,
+                   progress=_progress(args), **settings)
+
+    def clean(row: dict[str, Any]) -> dict[str, Any]:  # NaN/inf are not JSON
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+    rows = [clean(r) for r in result.table]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_file(out / "sweep.csv", lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
-    doc = {"layers": list(args.layers), "strengths": strengths, "loss_nats": grid, "rows": rows,
-           "units": "nats", "model": _model_label(args),
-           "settings": {"max_iters": args.max_iters, "lr": args.lr, "coldness": args.coldness,
-                        "max_norm": args.max_norm, "seed": args.seed, "do_one_minus": do_one_minus,
-                        "chat_template": bool(args.chat), "datapoints": len(datapoints)}}
+    doc = {"criterion": result.criterion, "best": clean(result.best or {}), "rows": rows, "notes": result.notes,
+           "baseline": result.baseline, "validation_prompts": result.validation_prompts, "chat": result.chat,
+           "time_s": result.time_s, "model": _model_label(args), "settings": {
+               **settings, "optimize": optimize_kwargs, "chat_template": args.chat, "datapoints": len(datapoints)}}
     atomic_write_file(out / "sweep.json", lambda tmp: tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8"))
-    header = "layer  " + "  ".join(f"{s:>9g}" for s in strengths)
-    print(f"Steered loss (nats) of the datapoints' completions, per layer (rows) and strength (columns); "
-          f"vectors optimised for {args.max_iters} steps:")
-    print(header)
-    for layer, losses in zip(args.layers, grid):
-        print(f"{layer:>5}  " + "  ".join(f"{v:>9.4g}" for v in losses))
-    best = min(rows, key=lambda r: r["loss_nats"])
-    print(f"Lowest loss: layer {best['layer']}, strength {best['strength']:g} ({best['loss_nats']:.4g} nats)")
+    fingerprint = _fingerprint(model, args)
+    saves = {"best": result.best_steering()}
+    if args.save_vectors:
+        saves.update({f"vectors/layer_{layer}" + ("" if variant == "additive" else "_" + variant.replace("=", "")):
+                      vec for (layer, variant), vec in result.vectors.items()})
+    for name, vec in saves.items():
+        vec.metadata["model"] = fingerprint
+        save(vec, out / name)
+    print(result.to_markdown())
+    for note in result.notes:
+        print(f"Note: {note}")
+    b = result.best
+    print(f"Best by {result.criterion} (higher is better): layer {b['layer']}, {b['variant']}, strength "
+          f"{b['multiplier']:g} ({result.criterion} = {b['criterion']:.4g})")
+    print(f"Recommended steering, already scaled: {out / 'best'} (steering-opt generate --vector {out / 'best'})")
     print(f"Wrote {out / 'sweep.csv'} and {out / 'sweep.json'}")
-    if _heatmap(list(args.layers), strengths, grid, out / "sweep_heatmap.png"):
+    if _save_figure(lambda: plot_sweep_heatmap(result), out / "sweep_heatmap.png", "heatmap"):
         print(f"Heatmap: {out / 'sweep_heatmap.png'}")
     return 0
 
 
+def _add_sweep_library_flags(p: argparse.ArgumentParser) -> None:
+    """SWEEP_FLAGS with sweep()'s defaults, and the optimiser's flags with the sweep's optimiser defaults."""
+    from .sweep import DEFAULT_OPTIMIZE_KWARGS, sweep
+
+    defaults = {k: v.default for k, v in inspect.signature(sweep).parameters.items()}
+    for flag, kwargs in SWEEP_FLAGS.items():
+        p.add_argument(flag, **{**kwargs, "default": defaults[kwargs["dest"]],
+                                "help": kwargs["help"] + " (default: %(default)s)"})
+    _add_option_flags(p, exclude=SWEEP_MANAGED, defaults=DEFAULT_OPTIMIZE_KWARGS)
+
+
 def _add_sweep_parser(sub: Any) -> None:
-    p = sub.add_parser("sweep", help="optimise a vector per layer and measure the loss at several strengths",
-                       description="For each --layers L, optimise a vector on the datapoints (few steps), then "
-                                   "measure the steered loss (nats) of the datapoints' completions at each "
-                                   "--strengths multiplier. Writes sweep.csv, sweep.json and sweep_heatmap.png.")
+    p = sub.add_parser("sweep", help="measure steering over layers x strengths (x norm caps / clamps)",
+                       description="steering_opt.sweep: for each layer (and variant) optimise a vector on the "
+                                   "datapoints, measure it at each strength on validation prompts (held-out "
+                                   "datapoints, --validation-prompts or built-in ones) and rank the rows by "
+                                   "--criterion. Writes sweep.csv, sweep.json, sweep_heatmap.png and the "
+                                   "recommended vector (OUT/best).")
     _add_model_options(p)
     _add_datapoint_options(p)
-    p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to try")
-    p.add_argument("--strengths", type=_float, nargs="+", default=list(DEFAULT_STRENGTHS),
-                   help="multipliers to try (default: 0 0.5 1 1.5 2)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--max-iters", type=_nonneg_int, default=10, help="optimiser steps per layer (10)")
-    p.add_argument("--lr", type=_positive_float, default=0.1, help="Adam learning rate (0.1)")
-    p.add_argument("--coldness", type=_positive_float, default=0.7, help="inverse temperature of the loss (0.7)")
-    p.add_argument("--max-norm", type=_positive_float, default=None, help="cap on the vector norm")
-    p.add_argument("--no-one-minus", action="store_true", help="suppression loss +sum log p")
-    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    p.add_argument("--save-vectors", action="store_true", help="also save each layer's vector under OUT/vectors/")
+    p.add_argument("--validation-prompts", metavar="FILE", default=None,
+                   help='validation prompts: one per line (.txt) or {"prompt": ...} per line (.jsonl)')
+    p.add_argument("--save-vectors", action="store_true", help="also save every vector under OUT/vectors/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.deferred.append(_add_sweep_library_flags)
     p.set_defaults(func=_cmd_sweep)
 
 
 # ----------------------------------------------------------------------------------------- export
-
-
-EXPORT_FORMATS = ("gguf", "pt", "npy", "npz")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -797,7 +660,7 @@ def _add_export_parser(sub: Any) -> None:
     p.add_argument("vector", help="saved vector (folder or .safetensors)")
     p.add_argument("--out", required=True, help="output file (.gguf, .pt, .npy or .npz)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default=None, help="default: from the --out suffix")
-    p.add_argument("--multiplier", type=_float, default=1.0, help="scale baked into the export (1)")
+    p.add_argument("--multiplier", type=_FLOAT, default=1.0, help="scale baked into the export (1)")
     p.add_argument("--model-hint", default=None, help="GGUF controlvector.model_hint (default: the model type)")
     p.set_defaults(func=_cmd_export)
 
@@ -810,8 +673,7 @@ def _describe(vec: Any, indent: str = "") -> list[str]:
     lines = [f"{indent}kind: {vec.kind}" + (f" (clamp {vec.clamp:g})" if vec.clamp is not None else "")
              + (f" (rank {next(iter(vec.affine.values()))[0].shape[0]})" if vec.affine else ""),
              f"{indent}site: {vec.layer_type}, layers: {vec.layers}, hidden size: {vec.hidden_size}",
-             f"{indent}norms: " + ", ".join(f"{k}: {float(v.norm()):.4g}" for k, v in
-                                          sorted(vec.layer_activations.items()))]
+             f"{indent}norms: {_norms(vec, '.4g')}"]
     model = m.get("model") if isinstance(m.get("model"), dict) else {}
     if model:
         parts = [str(model.get(k)) for k in ("architecture", "model_type") if model.get(k)]
@@ -850,14 +712,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
             doc = obj.metadata
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
-    if isinstance(obj, dict):
-        print(f"{args.path}: a set of {len(obj)} named vectors")
-        for name, vec in obj.items():
+    members = obj.items() if isinstance(obj, dict) else [(None, obj)]
+    print(f"{args.path}: a set of {len(obj)} named vectors" if isinstance(obj, dict) else
+          f"{args.path}: steering vector")
+    for name, vec in members:
+        if name is not None:
             print(f"[{name}]")
-            print("\n".join(_describe(vec, "  ")))
-    else:
-        print(f"{args.path}: steering vector")
-        print("\n".join(_describe(obj, "  ")))
+        print("\n".join(_describe(vec, "  ")))
     return 0
 
 
@@ -866,6 +727,27 @@ def _add_info_parser(sub: Any) -> None:
     p.add_argument("path", help="saved vector or set (folder, .safetensors, .gguf, legacy .json/.pt)")
     p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
     p.set_defaults(func=_cmd_info)
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    dtype = _check_model_options(args)  # fail fast, before loading anything
+    run_demo(args.model, device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens, layer=args.layer,
+             max_iters=args.max_iters)
+    return 0
+
+
+def _add_demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run the demo on the embedded model")
+    _add_model_options(p)
+    p.add_argument("--max-new-tokens", type=_POS_INT, default=40, help="tokens to generate per completion (40)")
+    p.add_argument("--layer", type=int, default=6, help="layer to steer (default: 6)")
+    p.add_argument("--max-iters", type=_POS_INT, default=30, help="optimiser steps (default: 30)")
+    p.set_defaults(func=_cmd_demo)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -877,20 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v: info, -vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    _add_optimize_parser(sub)
-    _add_train_parser(sub)
-    _add_generate_parser(sub)
-    _add_sweep_parser(sub)
-    _add_export_parser(sub)
-    _add_info_parser(sub)
-    demo = sub.add_parser("demo", help="run the demo on the embedded model")
-    _add_model_options(demo)
-    demo.add_argument("--max-new-tokens", type=_positive_int, default=40,
-                      help="tokens to generate per completion (default: 40)")
-    demo.add_argument("--layer", type=int, default=6, help="layer to steer (default: 6)")
-    demo.add_argument("--max-iters", type=_positive_int, default=30, help="optimiser steps (default: 30)")
-    demo.set_defaults(func=_cmd_demo)
+    for add in (_add_optimize_parser, _add_train_parser, _add_generate_parser, _add_sweep_parser,
+                _add_export_parser, _add_info_parser, _add_demo_parser):
+        add(sub)
     return parser
 
 

@@ -215,12 +215,13 @@ def vector_from_tensors(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tens
     rank = doc.get("affine_rank")
     if kind == "affine" and (not isinstance(rank, int) or rank < 1):
         raise SteeringFileError(f"{where}: affine vector without a valid 'affine_rank' ({rank!r})")
+    r = int(rank) if isinstance(rank, int) else 0
     expected: dict[str, tuple[int, ...]] = {}
     for layer in layers:
         expected[_tensor_name(layer, "vector")] = (d,)
         if kind == "affine":
-            expected[_tensor_name(layer, "affine_left")] = (rank, d)
-            expected[_tensor_name(layer, "affine_right")] = (rank, d)
+            expected[_tensor_name(layer, "affine_left")] = (r, d)
+            expected[_tensor_name(layer, "affine_right")] = (r, d)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

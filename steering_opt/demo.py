@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
+from .compat.llm_steering_opt import hf_hooks_contextmanager, make_steering_hook_hf
 from .data import TrainingDatapoint
-from .hooks import hf_hooks_contextmanager, make_steering_hook_hf
 from .models import load_model
 from .optimize import optimize_vector
 
@@ -36,8 +37,9 @@ HELD_OUT = [
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
     """The chat-template text of one user turn, ready for generation."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
                                          add_generation_prompt=True)
+    return cast(str, text)  # tokenize=False: a str
 
 
 def chat_completion(
@@ -54,9 +56,11 @@ def chat_completion(
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     with hf_hooks_contextmanager(model, hooks or []), torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        # causal-LM classes mix in GenerationMixin; PreTrainedModel itself does not declare generate()
+        out = cast(GenerationMixin, model).generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                                    pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return cast(str, answer).strip()  # one sequence of ids: a str
 
 
 def run_demo(

@@ -35,7 +35,7 @@ from torch import nn
 from . import arch
 from .data import SRC
 from .data import TokenizedCompletion as Seq
-from .hooks import HookSpec, attach, capture
+from .hooks import HookSpec, attach, capture_inputs
 from .parameterization import ADDITIVE, Steering, steer
 
 log = logging.getLogger(__name__)
@@ -339,9 +339,8 @@ class FastEngine(Engine):
     @torch.no_grad()
     def _fill_cache(self, chunk: _Chunk) -> None:
         """Store the input of the lowest steered block (the forward stops there)."""
-        captured = capture(lambda: self._forward(chunk), {"h": (self.modules[self.low], "pre")},
-                           read=lambda _, h: h.detach())
-        chunk.cache = captured["h"]
+        (h,) = capture_inputs(self.model, [self.modules[self.low]], lambda: self._forward(chunk))
+        chunk.cache = h.detach()
 
     def _truncation(self) -> contextlib.AbstractContextManager:
         if not self.cache_lower_layers or self.low == 0:

@@ -112,8 +112,9 @@ def atomic_write_dir(
         target: the folder to create or replace (made absolute, so ``"."``-style paths rename correctly).
         build: fills the (empty, ``0o700``) temporary folder it is given.
         keep_existing: for concurrent writers of the same content (e.g. a cache): if ``target`` exists
-            when the new folder is ready and ``keep_existing(target)`` is true, the existing folder is kept
-            and the new one discarded.
+            when the new folder is ready (or appears while it is renamed in) and ``keep_existing(target)`` is
+            true, the existing folder is kept and the new one discarded. Without it, a ``target`` that
+            appears during the final rename makes the rename fail (``OSError``).
 
     Returns:
         ``target`` as an absolute :class:`~pathlib.Path`.
@@ -138,7 +139,7 @@ def _install_dir(tmp: Path, target: Path, keep_existing: Callable[[Path], bool] 
                 os.rename(tmp, target)
                 return
             except OSError:
-                if not target.exists():
+                if keep_existing is None or not target.exists():
                     raise
                 continue  # another writer got there first: decide below whether to keep its folder
         if keep_existing is not None and keep_existing(target):

@@ -255,6 +255,50 @@ def capture(
     return out
 
 
+#: ``(module, fn)`` with ``fn(h (b, s, d)) -> new h`` steering the hidden-state *input* of ``module``, or a
+#: full :data:`HookSpec`.
+SteerHook = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]] | HookSpec
+
+
+def capture_inputs(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    forward: Callable[[], Any] | Mapping[str, Any],
+    *,
+    steer_hooks: Iterable[SteerHook] = (),
+) -> list[torch.Tensor]:
+    """The hidden-state input of each of ``modules`` (e.g. the residual stream entering some blocks) during
+    one forward of ``model``, which stops before the last of them runs: :func:`capture` for block inputs.
+
+    Args:
+        model: the model.
+        modules: the modules whose input to return (any order; each must run during the forward).
+        forward: a zero-argument callable running ``model``, or a dict of keyword arguments for ``model``.
+        steer_hooks: steering attached for this forward only: ``(module, fn)`` pairs, ``fn(h) -> new h`` on
+            that module's hidden-state input, or :data:`HookSpec` s.
+
+    Returns:
+        One tensor ``(b, s, d)`` per module, in the order of ``modules`` (not detached: gradients flow
+        through the steering when they are enabled).
+
+    Raises:
+        RuntimeError: a module did not run during the forward.
+    """
+    run = (lambda: model(**forward)) if isinstance(forward, Mapping) else forward
+    specs: list[HookSpec] = []
+    for item in steer_hooks:
+        if len(item) == 3:
+            specs.append(item)  # type: ignore[arg-type]
+        else:
+            module, fn = item
+            specs.append(site_hook(module, "decoder_block", lambda h, _pos, fn=fn: fn(h)))
+    got = capture(run, {i: (m, "pre") for i, m in enumerate(modules)}, hooks=specs)
+    missing = [i for i in range(len(modules)) if i not in got]
+    if missing:
+        raise RuntimeError(f"capture_inputs: modules {missing} did not run during the forward pass")
+    return [got[i] for i in range(len(modules))]
+
+
 # ----------------------------------------------------------------------------------- token positions
 
 #: Positions to steer: int(s) (negative: from the end of the prompt), a slice, or a 1-D bool/float mask.

@@ -72,6 +72,7 @@ class OptimizeResult:
     loss_history: list[float]
     status: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    per_layer: bool = False  # one vector per layer (``optimize(..., per_layer=True)``), even for one layer
 
     @property
     def layers(self) -> list[int]:
@@ -90,7 +91,7 @@ class OptimizeResult:
     @property
     def vector(self) -> torch.Tensor:
         """The optimised vector ``(d,)`` (one shared vector; see :attr:`vectors` otherwise)."""
-        if not self.shared:
+        if self.per_layer:
             raise ValueError("this result holds one vector per layer: use `.vectors`")
         return self.steering[self.layers[0]].vector
 
@@ -121,7 +122,7 @@ class OptimizeResult:
             "status": self.status,
             "loss_units": "nats",
         }
-        if self.shared:
+        if not self.per_layer:
             out["norm"] = self.norm
             p = self.steering[self.layers[0]]
             if isinstance(p, Affine) and p.left is not None and p.right is not None:
@@ -134,7 +135,7 @@ class OptimizeResult:
     def astuple(self) -> tuple[Any, ...]:
         """``(vector, info)``, ``(vector, matrix, info)`` for affine steering, or ``({layer: vector}, info)``
         for one vector per layer: the reference library's return shapes."""
-        if not self.shared:
+        if self.per_layer:
             return self.vectors, self.info
         if isinstance(self.steering[self.layers[0]], Affine):
             return self.vector, self.matrix, self.info
@@ -303,7 +304,7 @@ class JobState:
         self.project()
         self.steps += 1
 
-    def result(self, extra: dict[str, Any] | None = None) -> OptimizeResult:
+    def result(self, extra: dict[str, Any] | None = None, *, per_layer: bool = False) -> OptimizeResult:
         steering = {k: p.detach() for k, p in self.steering.items()}
         shared = {id(p): steering[k] for k, p in self.steering.items()}  # keep shared layers shared
         steering = {k: shared[id(p)] for k, p in self.steering.items()}
@@ -312,7 +313,7 @@ class JobState:
             out["job"] = self.name
         return OptimizeResult(steering=steering, options=self.options, iters=self.steps, losses=self.losses,
                               completion_losses=nest_losses(self.seqs, self.losses.tolist(), self.n_dp),
-                              loss_history=self.history, status=self.status, extra=out)
+                              loss_history=self.history, status=self.status, extra=out, per_layer=per_layer)
 
 
 # ---------------------------------------------------------------------------- steering of a round
@@ -375,10 +376,9 @@ def run_jobs(engine: Engine, states: Sequence[JobState], *, progress: bool | Non
     d = states[0].params[0].vector.shape[0]
     device = states[0].params[0].vector.device
     signs = torch.cat([st.signs for st in states])
-    dp_len: dict[tuple[int, int], int] = {}  # packed length per (job, datapoint): sort so that chunks pad little
-    for j, st in enumerate(states):
-        for s in st.seqs:
-            dp_len[(j, s.datapoint)] = dp_len.get((j, s.datapoint), s.prompt_len) + s.completion_len
+    dp_len: dict[int, int] = {}  # packed length per datapoint (unique across jobs): sort so that chunks pad little
+    for s in seqs:
+        dp_len[s.datapoint] = dp_len.get(s.datapoint, s.prompt_len) + s.completion_len
     tangent_gradients(engine, states, layers, d, device)
     for st in states:
         st.begin()
@@ -404,9 +404,8 @@ def run_jobs(engine: Engine, states: Sequence[JobState], *, progress: bool | Non
                     if noise is None:
                         noise = torch.zeros(len(seqs), d)
                     noise[st.start: st.start + len(st.seqs)] = rows
-            if len(active) > 1:
-                job_of = {id(st): j for j, st in enumerate(states)}
-                idx.sort(key=lambda i: (-dp_len[(job_of[id(active[int(seq_job[i])])], seqs[i].datapoint)], i))
+            if len(states) > 1:
+                idx.sort(key=lambda i: (-dp_len[seqs[i].datapoint], i))
             now = [id(st) for st in active]
             if members is not None and members != now:
                 engine.forget(None)  # the active set changed: drop the old batches' caches

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import arch, validate
+from .util import make_module_callable
 from .data import TrainingDatapoint, tokenize_datapoints
 from .engine import Engine, Objective, SteerSpec, make_engine
 from .hooks import frozen_model
@@ -162,7 +163,7 @@ def optimize(
             eng = DataParallelEngine(eng, state.tensors, group, fingerprint=fingerprint)
             extra["processes"] = eng.world
         run_jobs(eng, [state], progress=opts.progress, desc="optimize")
-        result = state.result(extra)
+        result = state.result(extra, per_layer=per_layer)
         if opts.do_output_constr and state.status != "nonfinite":
             custom = None
             if custom_output_constr_loss_func is not None:
@@ -177,7 +178,7 @@ def optimize(
             norm0 = result.norm
             it, final, ok, history = output_constrained(eng, state, start_losses=state.losses, custom_loss=custom)
             state.losses = final
-            result = state.result(extra)
+            result = state.result(extra, per_layer=per_layer)
             result.extra.update(output_constr_iters=it, constraints_satisfied=ok,
                                 output_constr_norm_history=history, norm_before_output_constr=norm0)
     return result
@@ -269,176 +270,4 @@ def output_constrained(engine: Engine, state: JobState, *, start_losses: torch.T
     return it, final, bool((g <= 1e-4).all()), history
 
 
-
-# TEMP-COMPAT-START
-# ----------------------------------------------------------------------------- optimisation
-# The reference library's optimiser functions: its names, keyword names and tuple return shapes, over
-# :func:`steering_opt.optimize.optimize` (which returns a typed OptimizeResult).
-
-
-def optimize_vector(
-    model: nn.Module,
-    datapoints: Sequence[TrainingDatapoint],
-    layer: int | Sequence[int],
-    *,
-    tokenizer: Any = None,
-    eps: float = 1e-6,
-    lr: float = 0.01,
-    max_iters: int | None = None,
-    coldness: float = 0.7,
-    normalize_token_length: bool = False,
-    only_hook_prompt: bool = False,
-    target_loss: float | None = None,
-    do_target_loss_sum: bool = True,
-    target_loss_target_iters: int = 1,
-    do_one_minus: bool = True,
-    max_norm: float | None = None,
-    starting_norm: float = 1.0,
-    starting_vec: torch.Tensor | None = None,
-    vector_clamp: float | None = None,
-    affine_rank: int | None = None,
-    max_affine_norm: float | None = 2.0,
-    starting_affine_norm: float = 1.0,
-    noise_scale: float | None = None,
-    do_tangent_space_noise: bool = True,
-    do_output_constr: bool = False,
-    output_constr_lr: float | None = None,
-    max_output_constr_iters: int | None = None,
-    output_constr_damping: float = 1.0,
-    output_constr_patience: int = 20,
-    custom_output_constr_loss_func: Callable[..., torch.Tensor] | None = None,
-    custom_output_constr_pre_loss_func: Callable[..., dict] | None = None,
-    output_constr_norm_initial_scale: float = 1.0,
-    seed: int | None = None,
-    engine: str = "fast",
-    max_batch_tokens: int = 16384,
-    progress: bool | None = None,
-    return_info: bool = True,
-) -> Any:
-    """Optimise one steering vector (optionally a clamp vector or a rank-r affine map) at ``layer``
-    (llm-steering-opt's ``optimize_vector``). Every option is an
-    :class:`~steering_opt.options.OptimizeOptions` field of the same name (see there for meanings).
-
-    Returns:
-        ``(vector, info)``, or ``(vector, matrix, info)`` with ``affine_rank``; with
-        ``return_info=False`` the vector (and matrix). ``vector`` ``(d,)`` float32 on the steered
-        block's device; ``info``: ``iters``, ``loss`` (nats: summed, or ``loss[i][j][k]`` per
-        completion with ``do_target_loss_sum=False``), ``norm``, ``loss_history``, ``status``, and the
-        output-constrained phase's ``output_constr_iters``, ``constraints_satisfied``,
-        ``norm_before_output_constr``. See :attr:`steering_opt.loop.OptimizeResult.info`.
-    """
-    options = {k: v for k, v in locals().items() if k in OptimizeOptions.field_names()}
-    result = optimize(model, tokenizer, datapoints, layer,
-                      custom_output_constr_loss_func=custom_output_constr_loss_func,
-                      custom_output_constr_pre_loss_func=custom_output_constr_pre_loss_func, **options)
-    if not return_info:
-        return (result.vector, result.matrix) if affine_rank is not None else result.vector
-    return result.astuple()
-
-
-def optimize_vectors(
-    model: nn.Module,
-    datapoints: Sequence[TrainingDatapoint],
-    layers: Sequence[int],
-    *,
-    tokenizer: Any = None,
-    lr: float = 0.01,
-    max_iters: int | None = None,
-    eps: float = 1e-6,
-    coldness: float = 0.7,
-    normalize_token_length: bool = False,
-    only_hook_prompt: bool = False,
-    target_loss: float | None = None,
-    do_target_loss_sum: bool = True,
-    target_loss_target_iters: int = 1,
-    do_one_minus: bool = True,
-    max_norm: float | None = None,
-    starting_norm: float = 1.0,
-    regularization_weight: float = 0.0,
-    regularization_type: str = "l1",
-    sparsity_weight: float = 0.0,
-    entropy_weight: float = 0.0,
-    seed: int | None = None,
-    engine: str = "fast",
-    max_batch_tokens: int = 16384,
-    progress: bool | None = None,
-) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """Jointly optimise one vector per layer in ``layers`` (llm-steering-opt's ``optimize_vectors``).
-
-    Objective (nats): the completion losses plus ``regularization_weight · Σ_l R(v_l)`` (``R`` = L1 or
-    max-abs), ``sparsity_weight · Σ_l ‖v_l‖₂`` and ``entropy_weight · H(softmax(‖v_1‖, …, ‖v_L‖))``.
-
-    Returns:
-        ``({layer: vector (d,)}, info)`` with ``info['norms'][layer]``, ``iters``, ``loss`` (the
-        completion loss without regularisers), ``loss_history``, ``status``.
-    """
-    options = {k: v for k, v in locals().items() if k in OptimizeOptions.field_names()}
-    return optimize(model, tokenizer, datapoints, layers, per_layer=True, **options).astuple()
-
-
-def optimize_vector_minibatch_hf(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    layer: int | Sequence[int],
-    src_completions: Sequence[str] | None = None,
-    dst_completions: Sequence[str] | None = None,
-    minibatch_size: int = 5,
-    *,
-    lr: float = 0.01,
-    max_iters: int | None = None,
-    eps: float = 1e-6,
-    coldness: float = 0.7,
-    target_loss: float | None = None,
-    target_loss_target_iters: int = 1,
-    starting_norm: float = 1.0,
-    max_norm: float | None = None,
-    affine_rank: int | None = None,
-    max_affine_norm: float | None = 2.0,
-    vector_clamp: float | None = None,
-    do_one_minus: bool = True,
-    normalize_token_length: bool = False,
-    seed: int | None = None,
-    engine: str = "fast",
-    progress: bool | None = None,
-    distributed: Any = None,
-) -> tuple[Any, ...]:
-    """Optimise one vector over many prompts sharing the same completions, in minibatches
-    (llm-steering-opt's ``optimize_vector_minibatch_hf``).
-
-    Step ``i`` uses the ``i``-th minibatch of ``minibatch_size`` prompts (cycling in order), so every
-    prompt is used once per epoch; ``target_loss`` applies to the current minibatch's summed loss and
-    ``info['loss']`` is that loss at the last evaluation. Padding is handled internally, so the
-    tokenizer's padding side does not matter. ``distributed``: data parallelism over processes
-    (``None`` = automatic under ``accelerate launch`` / ``torchrun``); see :mod:`steering_opt.parallel`.
-
-    Returns ``(vector, info)`` (or ``(vector, matrix, info)`` with ``affine_rank``).
-    """
-    validate.model(model)
-    validate.tokenizer(tokenizer)
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError(f"`prompts` must be a non-empty list of strings, got {prompts!r:.60}")
-    validate.integer("minibatch_size", minibatch_size, 1)
-    for name, comps in (("src_completions", src_completions), ("dst_completions", dst_completions)):
-        if isinstance(comps, str):
-            raise TypeError(f"`{name}` must be a list of strings, got a single str ({comps[:30]!r}); wrap it in a list")
-    dps = []
-    for i, p in enumerate(prompts):
-        try:
-            dps.append(TrainingDatapoint(p, src_completions=list(src_completions or []),
-                                         dst_completions=list(dst_completions or [])))
-        except (TypeError, ValueError) as e:
-            msg = str(e).removeprefix("TrainingDatapoint: ").replace("`prompt`", f"`prompts[{i}]`")
-            raise type(e)(msg) from None
-    options = {k: v for k, v in locals().items() if k in OptimizeOptions.field_names()}
-    result = optimize(model, tokenizer, dps, layer, minibatch_size=minibatch_size, distributed=distributed,
-                      **options)
-    info = {"iters": result.iters, "loss": result.loss_history[-1] if result.loss_history else math.nan,
-            "loss_history": result.loss_history, "status": result.status, "norm": result.norm,
-            "loss_units": "nats"}
-    if "processes" in result.extra:
-        info["processes"] = result.extra["processes"]
-    if affine_rank is not None:
-        return result.vector, result.matrix, info
-    return result.vector, info
-# TEMP-COMPAT-END
+make_module_callable(__name__)  # `steering_opt.optimize(...)` calls optimize(); the attribute is the module

@@ -559,8 +559,8 @@ def check_compatible(vector: SteeringVector, model: nn.Module, *, allow_mismatch
     fp_model = arch.model_fingerprint(model)
     if model_name:
         fp_model["name_or_path"] = model_name
-    stored = vector.metadata.get("model") if isinstance(vector.metadata.get("model"), Mapping) else {}
-    fp_vec = dict(stored)
+    stored = vector.metadata.get("model")
+    fp_vec: dict[str, Any] = dict(stored) if isinstance(stored, Mapping) else {}
     fp_vec.setdefault("hidden_size", vector.hidden_size)
     what = f"the steering vector{f' from {source}' if source else ''}"
     made_for = f"was made for {_describe_model(fp_vec)}"

@@ -34,49 +34,46 @@ UNSUPPORTED = ("do_output_constr", "output_constr_lr", "max_output_constr_iters"
 JOB_OPTIONS = tuple(n for n in OptimizeOptions.field_names() if n not in UNSUPPORTED)
 
 
-class Job:
-    """One independent optimisation for :func:`optimize_many`: what one ``optimize`` call would do.
+class _JobMethods:
+    """Methods of :class:`Job` (whose fields are generated from :class:`OptimizeOptions`)."""
 
-    ``Job(datapoints, layer, name=None, options=None, **overrides)``: ``overrides`` are
-    :class:`~steering_opt.options.OptimizeOptions` fields (``lr``, ``max_iters``, ``vector_clamp``,
-    ``affine_rank``, ``parameterization``, ``noise_scale``, ``seed``, ...) with the same defaults and
-    meaning; they are checked when :func:`optimize_many` runs (the error then names ``jobs[i]``).
-    ``name`` is copied to ``info['job']``. Not available per job: the output-constrained phase and
-    the execution settings (``engine``, ``max_batch_tokens``, ``progress``: arguments of optimize_many).
-    Reading ``job.lr`` etc. gives the value the job will use.
-    """
-
-    def __init__(self, datapoints: Sequence[TrainingDatapoint], layer: int | Sequence[int], *,
-                 name: str | None = None, options: OptimizeOptions | None = None, **overrides: Any):
-        unknown = sorted(set(overrides) - set(JOB_OPTIONS))
-        if unknown:
-            raise TypeError(f"Job: unknown or unsupported option(s) {unknown}; a job accepts {', '.join(JOB_OPTIONS)}")
-        self.datapoints, self.layer, self.name = datapoints, layer, name
-        self.base, self.overrides = options, overrides
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("base", "overrides") or name not in JOB_OPTIONS:
-            raise AttributeError(name)
-        if name in self.overrides:
-            return self.overrides[name]
-        if self.base is not None:
-            return getattr(self.base, name)
-        return next(f.default for f in dataclasses.fields(OptimizeOptions) if f.name == name)
+    datapoints: Sequence[TrainingDatapoint]
+    layer: int | Sequence[int]
+    name: str | None
 
     def options(self, where: str = "") -> OptimizeOptions:
-        """The job's checked :class:`OptimizeOptions`."""
-        return OptimizeOptions.build(self.base, self.overrides, where=where)
+        """The job's checked :class:`OptimizeOptions` (``where`` prefixes error messages)."""
+        return OptimizeOptions.build(None, {n: getattr(self, n) for n in JOB_OPTIONS}, where=where)
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the equivalent ``optimize`` / ``optimize_vector`` call: every option
         whose value differs from its default."""
-        defaults = {f.name: f.default for f in dataclasses.fields(OptimizeOptions)}
-        return {n: getattr(self, n) for n in JOB_OPTIONS if getattr(self, n) is not defaults[n]
-                and not (type(getattr(self, n)) is type(defaults[n]) and getattr(self, n) == defaults[n])}
+        out = {}
+        for f in dataclasses.fields(OptimizeOptions):
+            if f.name in JOB_OPTIONS:
+                val = getattr(self, f.name)
+                if not (val is f.default or (type(val) is type(f.default) and val == f.default)):
+                    out[f.name] = val
+        return out
 
-    def __repr__(self) -> str:
-        args = "".join(f", {k}={v!r}" for k, v in self.overrides.items())
-        return f"Job({len(self.datapoints)} datapoints, layer={self.layer!r}{args}, name={self.name!r})"
+
+#: One independent optimisation for :func:`optimize_many`: what one ``optimize`` call would do.
+#: ``Job(datapoints, layer, lr=..., max_iters=..., vector_clamp=..., parameterization=..., name=...)``: every
+#: :class:`~steering_opt.options.OptimizeOptions` field except the output-constrained phase and the
+#: execution settings (``engine``, ``max_batch_tokens``, ``progress``: arguments of optimize_many), with
+#: the same default and meaning, checked when :func:`optimize_many` runs (errors name ``jobs[i]``).
+#: ``name`` is copied to ``info['job']``.
+Job = dataclasses.make_dataclass(
+    "Job",
+    [("datapoints", "Sequence[TrainingDatapoint]"), ("layer", "int | Sequence[int]")]
+    + [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+       for f in dataclasses.fields(OptimizeOptions) if f.name in JOB_OPTIONS]
+    + [("name", "str | None", dataclasses.field(default=None))],
+    bases=(_JobMethods,))
+Job.__module__ = __name__
+Job.__doc__ = """One independent optimisation for :func:`optimize_many` (see the module docstring): the
+datapoints, the layer(s) and every :class:`~steering_opt.options.OptimizeOptions` field except the
+output-constrained phase and the execution settings; ``name`` is copied to ``info['job']``."""
 
 
 def _checked(model: nn.Module, i: int, job: Any, d: int) -> tuple[OptimizeOptions, list[int], list[TrainingDatapoint]]:

@@ -43,7 +43,7 @@ from . import arch
 from .contrastive import contrastive_vector
 from .data import TrainingDatapoint, _encode
 from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, Prompt, check_prompts, format_prompt
-from .hooks import capture, frozen_model
+from .hooks import capture_inputs, frozen_model
 from .optimize import optimize_vector
 from .plots import _figure_and_ax, _finish
 from .scorers import get_scorer
@@ -156,18 +156,15 @@ def residual_norms(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], 
     prompts = check_prompts(prompts)
     resolved = [arch.resolve_layer(model, x, name="layers") for x in layers]
     dev = arch.input_device(model)
-    acc: dict[int, list[torch.Tensor]] = {x: [] for x in resolved}
-    points = {x: (arch.get_site_module(model, x), "pre") for x in resolved}
-
-    def norms(_: int, h: torch.Tensor) -> torch.Tensor:
-        return h[0, 1:].float().norm(dim=-1).cpu()  # (seq - 1,): position 0 excluded
-
+    layer_list = list(dict.fromkeys(resolved))
+    blocks = [arch.get_site_module(model, x) for x in layer_list]
+    acc: dict[int, list[torch.Tensor]] = {x: [] for x in layer_list}
     with frozen_model(model):
         for p in prompts:
             ids = torch.tensor([_encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True)], device=dev)
-            for x, n in capture(lambda ids=ids: model(input_ids=ids, use_cache=False), points, read=norms).items():
-                if n.shape[0]:
-                    acc[x].append(n)
+            for x, h in zip(layer_list, capture_inputs(model, blocks, {"input_ids": ids, "use_cache": False})):
+                if h.shape[1] > 1:  # position 0 excluded
+                    acc[x].append(h[0, 1:].float().norm(dim=-1).cpu())
     return {x: float(torch.cat(v).median()) if v else math.nan for x, v in acc.items()}
 
 

@@ -206,32 +206,39 @@ def test_generate_sampling_is_seeded(capsys, model_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------------- sweep
 
 
-def test_sweep_table_and_heatmap(capsys, model_dir: Path, data_dir: Path, loaded, tmp_path: Path) -> None:
+def test_sweep_table_heatmap_and_recommendation(capsys, model_dir: Path, data_dir: Path, loaded,
+                                                 tmp_path: Path) -> None:
+    """The command is steering_opt.sweep.sweep: its table (CSV/JSON), its choice, its heatmap."""
+    from steering_opt.sweep import sweep
+
     out = run_ok(capsys, "sweep", "--model", model_dir, "--datapoints", data_dir / "dps.jsonl", "--layers", "1", "3",
                  "--strengths", "0", "1", "2", "--max-iters", "3", "--out", tmp_path / "sw", "--save-vectors")
-    assert "Lowest loss: layer" in out
+    assert "Best by margin (higher is better): layer" in out and "| layer | variant | multiplier |" in out
     rows = list(csv.DictReader((tmp_path / "sw" / "sweep.csv").open()))
-    assert [(int(r["layer"]), float(r["strength"])) for r in rows] == [(1, 0), (1, 1), (1, 2), (3, 0), (3, 1), (3, 2)]
+    assert [(int(r["layer"]), float(r["multiplier"])) for r in rows] == [(1, 0), (1, 1), (1, 2), (3, 0), (3, 1),
+                                                                         (3, 2)]
+    assert {r["variant"] for r in rows} == {"additive"}
     doc = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert doc["units"] == "nats" and len(doc["loss_nats"]) == 2 and len(doc["loss_nats"][0]) == 3
+    assert doc["criterion"] == "margin" and len(doc["rows"]) == 6 and doc["best"] in doc["rows"]
+    assert doc["settings"]["optimize"]["max_iters"] == 3 and doc["settings"]["optimize"]["lr"] == 0.1
     assert (tmp_path / "sw" / "sweep_heatmap.png").read_bytes().startswith(PNG_MAGIC)
     for r in rows:
-        loss = float(r["loss_nats"])
-        if float(r["strength"]) == 1:  # at strength 1 the measured loss is the optimiser's own final loss
-            assert loss == pytest.approx(float(r["train_loss_nats"]), rel=1e-4, abs=1e-4)
-    # strength 0 is the unsteered loss, recomputed independently: -log p(dst) - log(1 - p(src)), coldness 0.7
+        if float(r["multiplier"]) == 0:  # no steering: nothing changes
+            assert float(r["kl"]) == pytest.approx(0.0, abs=1e-6)
+    # the command computes exactly what the library computes (same seed, split and optimiser settings)
     model, tok = loaded
-    expected = 0.0
-    for dp in DATAPOINTS:
-        for c in dp.get("dst_completions", []):
-            expected -= float(so.get_completion_logprob_hf(model, dp["prompt"], c, tok, coldness=0.7))
-        for c in dp.get("src_completions", []):
-            expected -= float(so.get_completion_logprob_hf(model, dp["prompt"], c, tok, coldness=0.7,
-                                                           do_one_minus=True))
-    assert float(rows[0]["loss_nats"]) == pytest.approx(expected, rel=1e-5)
-    assert float(rows[1]["loss_nats"]) < float(rows[0]["loss_nats"])  # the optimised vector helps
+    ref = sweep(model, tok, so.load_datapoints(data_dir / "dps.jsonl"), layers=[1, 3], multipliers=[0, 1, 2],
+                optimize_kwargs={"max_iters": 3})
+    for r, expected in zip(rows, ref.table):
+        assert float(r["criterion"]) == pytest.approx(expected["criterion"], rel=1e-4, abs=1e-6)
+    assert (doc["best"]["layer"], doc["best"]["multiplier"]) == (ref.best["layer"], ref.best["multiplier"])
+    best = so.load(tmp_path / "sw" / "best")
+    assert best.metadata["sweep_choice"]["layer"] == ref.best["layer"]
+    assert best.metadata["model"]["name_or_path"] == str(model_dir)
+    layer = ref.best["layer"]
+    torch.testing.assert_close(best.layer_activations[layer], ref.best_steering().layer_activations[layer])
     saved = so.load(tmp_path / "sw" / "vectors" / "layer_3")
-    assert float(saved.layer_activations[3].norm()) == pytest.approx(float(rows[4]["vector_norm"]))
+    assert float(saved.layer_activations[3].norm()) == pytest.approx(float(rows[4]["norm"]))
 
 
 # ------------------------------------------------------------------------------------------- export / info

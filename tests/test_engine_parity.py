@@ -19,7 +19,9 @@ from conftest import ARCHS, SLIDING_OVERRIDES, make_tiny_model
 import steering_opt as so
 from steering_opt.data import SRC, tokenize_datapoints
 from steering_opt.engine import FastEngine, Objective, ReferenceEngine
-from steering_opt.optimize import _Params, _tangent_noise_fn
+from steering_opt.loop import JobState, spec_for, tangent_gradients
+from steering_opt.options import OptimizeOptions
+from steering_opt.parameterization import Additive, Affine, Clamp
 
 D = 64
 INIT = 0.3
@@ -133,23 +135,43 @@ def run_engine(engine_cls, model, seqs, case):
     if case.affine:
         left = (torch.randn(case.affine, D, generator=g) * 0.2).requires_grad_(True)
         right = (torch.randn(case.affine, D, generator=g) * 0.2).requires_grad_(True)
-    params = _Params(vectors=vectors, left=left, right=right, clamp=case.clamp)
+    state = job_state(vectors, left, right, case.clamp, seqs, noise=case.noise)
     kw = dict(max_batch_tokens=case.max_batch_tokens) if engine_cls is FastEngine else {}
     engine = engine_cls(model, seqs, case.layers, case.objective, **kw)
     out = {}
     noise = None
     if case.noise:
-        fn = _tangent_noise_fn(engine, params, case.layers, 0.5, True, torch.Generator().manual_seed(1))
-        out["noise_grads"] = fn.grads.clone()
-        noise = fn()
-        out["noise"] = {k: x.clone() for k, x in noise.items()}
+        tangent_gradients(engine, [state], sorted(case.layers), D, torch.device("cpu"))
+        out["noise_grads"] = state.tangent.clone()
+        noise = state.noise(D)
+        out["noise"] = {k: noise.clone() for k in case.layers}
     is_src = torch.tensor([s.kind == SRC for s in seqs], dtype=torch.float32)
     for name, w in (("src", is_src), ("dst", 1 - is_src)):
-        for t in params.tensors():
+        for t in state.tensors:
             t.grad = None
-        out[f"losses_{name}"] = engine.run(params.spec_fn(seqs, noise), weights=w)
-        out[f"grads_{name}"] = [t.grad.clone() for t in params.tensors()]
+        out[f"losses_{name}"] = engine.run(spec_of(state, noise), weights=w)
+        out[f"grads_{name}"] = [t.grad.clone() for t in state.tensors]
     return out
+
+
+def job_state(vectors, left=None, right=None, clamp=None, seqs=(), noise=False):
+    """A one-job loop state over ``vectors`` ``{layer: tensor}`` (layers sharing a tensor share parameters)."""
+    made = {}
+
+    def param(v):
+        if clamp is not None:
+            return Clamp(v, clamp)
+        return Affine(v, left, right) if left is not None else Additive(v)
+
+    steering = {layer: made.setdefault(id(v), param(v)) for layer, v in vectors.items()}
+    n_dp = max(s.datapoint for s in seqs) + 1
+    return JobState(steering, list(seqs), n_dp, OptimizeOptions(noise_scale=0.5 if noise else None),
+                    torch.Generator().manual_seed(1))
+
+
+def spec_of(state, noise=None):
+    return spec_for([state], sorted(state.steering), torch.zeros(len(state.seqs), dtype=torch.long), state.signs,
+                    noise)
 
 
 def assert_rel(a, b, what, rtol=RTOL):
@@ -204,10 +226,10 @@ def test_a_sequence_steered_nowhere_has_zero_gradient_in_both_engines(models, to
     assert seqs[4].datapoint == 1 and not any(seqs[4].steer_positions)  # "Say" is 1 token: nothing to steer
     for cls in (FastEngine, ReferenceEngine):
         v = torch.ones(D, requires_grad=True)
-        params = _Params(vectors={1: v})
+        state = job_state({1: v}, seqs=seqs)
         w = torch.zeros(len(seqs))
         w[4] = 1.0
-        cls(models["llama"], seqs, [1], Objective()).run(params.spec_fn(seqs), weights=w)
+        cls(models["llama"], seqs, [1], Objective()).run(spec_of(state), weights=w)
         assert v.grad is not None and float(v.grad.abs().max()) == 0.0
 
 
