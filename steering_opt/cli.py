@@ -304,7 +304,6 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from .optimize import optimize
     from .persist import describe_datapoints, save
     from .plots import plot_loss_curve
-    from .vector import SteeringVector
 
     options = _options(args)
     _check_optimize_args(args)
@@ -319,14 +318,13 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                       per_layer=args.joint, progress=_progress(args))
     extra = {k: v for k, v in result.extra.items()
              if k in ("output_constr_iters", "constraints_satisfied", "norm_before_output_constr")}
-    vector = SteeringVector.from_optimization(
-        result.vectors if args.joint else result.vector, result.info, layers, clamp=options.vector_clamp,
-        metadata=dict(method="optimize_vectors" if args.joint else "optimize_vector",
-                      hyperparameters={name: getattr(options, name) for name in args.option_fields},
-                      datapoints=describe_datapoints(datapoints), chat_template=bool(args.chat), iters=result.iters,
-                      status=result.status, final_loss=result.loss, loss_units="nats",
-                      model=_fingerprint(model, args), **extra))
-    vector.metadata.pop("loss", None)  # final_loss holds it
+    vector = result.to_steering_vector(metadata=dict(
+        method="optimize_vectors" if args.joint else "optimize_vector",
+        hyperparameters={name: getattr(options, name) for name in args.option_fields},
+        datapoints=describe_datapoints(datapoints), chat_template=bool(args.chat), final_loss=result.loss,
+        model=_fingerprint(model, args), **extra))
+    for key in ("loss", "options"):  # held by final_loss and hyperparameters, as in earlier releases
+        vector.metadata.pop(key, None)
     out = save(vector, args.out)
     first = result.loss_history[0] if result.loss_history else result.loss
     article = "an" if vector.kind[0] in "aeiou" else "a"

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import arch
+from .parameterization import Steering
 from .vector import SteeringVector
 
 __all__ = [
@@ -153,6 +154,13 @@ def vector_to_tensors(vector: SteeringVector) -> tuple[dict[str, torch.Tensor], 
     (name -> ``{"shape": [...], "dtype": "float32"}``).
     """
     tensors: dict[str, torch.Tensor] = {}
+    if vector.custom is not None:  # a user parameterisation: its own named tensors and JSON config per layer
+        for layer in vector.layers:
+            for part, t in vector.custom[layer].tensors().items():
+                tensors[_tensor_name(layer, part)] = _cpu_copy(t)
+        return tensors, {"site": vector.layer_type, "layers": vector.layers, "hidden_size": vector.hidden_size,
+                         "kind": vector.kind, "clamp": None, "affine_rank": None,
+                         "config": {str(k): p.config() for k, p in vector.custom.items()}, "tensors": _table(tensors)}
     for layer in vector.layers:
         tensors[_tensor_name(layer, "vector")] = _cpu_copy(vector.layer_activations[layer])
         if vector.affine:
@@ -187,8 +195,9 @@ def check_spec(doc: Any, where: str) -> dict[str, Any]:
             raise SteeringFileError(f"{where}: metadata field {key!r} is missing or not a {typ.__name__}")
     if doc["site"] not in arch.SITES:
         raise SteeringFileError(f"{where}: unknown site {doc['site']!r}; expected one of {arch.SITES}")
-    if doc["kind"] not in KINDS:
-        raise SteeringFileError(f"{where}: unknown kind {doc['kind']!r}")
+    if doc["kind"] not in KINDS and doc["kind"] not in Steering.registry:
+        raise SteeringFileError(f"{where}: unknown kind {doc['kind']!r}; built in: {', '.join(KINDS)} (a custom "
+                                "parameterisation loads once the module defining its Steering subclass is imported)")
     if not doc["layers"] or not all(isinstance(x, int) and not isinstance(x, bool) for x in doc["layers"]):
         raise SteeringFileError(f"{where}: 'layers' must be a non-empty list of ints, got {doc['layers']!r}")
     return doc
@@ -212,6 +221,8 @@ def vector_from_tensors(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tens
     d = doc["hidden_size"]
     layers = doc["layers"]
     kind = doc["kind"]
+    if kind not in KINDS:
+        return _custom_from_tensors(doc, tensors, where)
     rank = doc.get("affine_rank")
     if kind == "affine" and (not isinstance(rank, int) or rank < 1):
         raise SteeringFileError(f"{where}: affine vector without a valid 'affine_rank' ({rank!r})")
@@ -296,3 +307,35 @@ def additive_document(
     doc = {"site": site, "layers": list(layer_vectors), "hidden_size": sizes[0], "kind": "additive", "clamp": None,
            "affine_rank": None, "tensors": _table(tensors), "metadata": meta}
     return doc, tensors
+
+
+def _custom_from_tensors(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str) -> SteeringVector:
+    """:func:`vector_from_tensors` for a registered user parameterisation: every layer's tensors are
+    ``layer.{L}.{part}`` as declared, ``vector`` among them with shape ``(d,)``; values finite."""
+    cls = Steering.registry[doc["kind"]]
+    declared, configs, d = doc["tensors"], doc.get("config"), doc["hidden_size"]
+    if set(declared) != set(tensors):
+        raise SteeringFileError(f"{where}: tensors do not match the metadata's table")
+    if not isinstance(configs, dict):
+        raise SteeringFileError(f"{where}: custom kind {doc['kind']!r} without a 'config' object")
+    custom: dict[int, Steering] = {}
+    for layer in doc["layers"]:
+        prefix = _tensor_name(layer, "")
+        parts = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        for part, t in parts.items():
+            info = declared.get(prefix + part)
+            if not isinstance(info, dict) or info.get("shape") != list(t.shape) or \
+                    info.get("dtype") != _dtype_name(t.dtype) or _dtype_name(t.dtype) not in _FLOAT_DTYPES:
+                raise SteeringFileError(f"{where}: tensor {prefix + part!r} does not match the metadata's table")
+            if not bool(torch.isfinite(t).all()):
+                raise SteeringFileError(f"{where}: tensor {prefix + part!r} contains NaN or infinite values")
+        if tuple(parts.get("vector", torch.empty(0)).shape) != (d,):
+            raise SteeringFileError(f"{where}: layer {layer} has no 'vector' tensor of shape ({d},)")
+        cfg = configs.get(str(layer), {})
+        try:
+            custom[layer] = cls.from_state(parts, cfg if isinstance(cfg, dict) else {})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SteeringFileError(f"{where}: layer {layer}: cannot rebuild {cls.__name__}: {error_summary(exc)}") \
+                from None
+    meta = doc.get("metadata")
+    return SteeringVector.from_steering(custom, layer_type=doc["site"], metadata=meta if isinstance(meta, dict) else {})

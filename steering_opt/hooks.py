@@ -7,7 +7,8 @@
   (``hidden_states[L]``, TransformerLens' ``blocks.L.hook_resid_pre``), every other site at the module
   *output*.
 * :func:`capture` — run a forward, keep the activations of some modules, and stop the forward as soon
-  as the last of them is reached.
+  as the last of them is reached (one internal exception, so captures nest); :func:`capture_inputs` is
+  its form for block inputs, optionally under extra steering.
 * :class:`TokenSelection`, :class:`SequenceTracker`, :func:`current_positions` — which token positions to
   steer; positions come from the ``position_ids`` the model receives, so a token index means the same
   token in one pass and during KV-cached (or uncached) generation, and with left padding positions

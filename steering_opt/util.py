@@ -29,6 +29,8 @@ def make_module_callable(module_name: str) -> None:
     Called as the last line of the module, ``make_module_callable(__name__)``, once its function of the same short
     name (``sweep`` in ``steering_opt.sweep``) exists.
     """
+    if module_name == "__main__":  # run as a script (python -m steering_opt.sweep): nothing to forward to
+        return
     module = sys.modules[module_name]
     short = module_name.rpartition(".")[2]
     if not callable(getattr(module, short, None)):

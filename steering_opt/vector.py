@@ -43,6 +43,8 @@ from .hooks import (
     site_hook,
     steer,
 )
+from .parameterization import Additive, Affine, Clamp, Steering
+from .parameterization import steer as steer_with
 
 #: ``operator(activation (b, s, d), vector (d,)) -> delta (b, s, d) or (d,)`` added to the activation.
 Operator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,6 +64,9 @@ class SteeringVector:
         clamp: clamp coefficient ``c`` for clamp steering (``h - (h·v̂)v̂ + c·v``), else None.
         affine: ``{layer: (left (r, d), right (r, d))}`` for affine steering (``h + v + h (LᵀR)ᵀ``), else None.
         metadata: free-form JSON-able information (method, hyper-parameters, model fingerprint, ...).
+        custom: ``{layer: Steering}`` for a parameterisation other than the built-in three (a
+            :class:`~steering_opt.parameterization.Steering` subclass); ``layer_activations`` then holds
+            their primary vectors. Build with :meth:`from_steering`.
     """
 
     layer_activations: dict[int, torch.Tensor]
@@ -69,6 +74,7 @@ class SteeringVector:
     clamp: float | None = None
     affine: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    custom: dict[int, Steering] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.layer_activations, dict) or not self.layer_activations:
@@ -87,12 +93,53 @@ class SteeringVector:
             raise ValueError(f"SteeringVector: unknown layer_type {self.layer_type!r}; expected one of {arch.SITES}")
         if self.clamp is not None and self.affine is not None:
             raise ValueError("SteeringVector: clamp and affine steering cannot be combined")
+        if self.custom is not None:
+            if self.clamp is not None or self.affine is not None or set(self.custom) != set(self.layer_activations):
+                raise ValueError("SteeringVector: `custom` steering replaces clamp/affine and needs one entry per layer")
+            if len({type(p) for p in self.custom.values()}) != 1:
+                raise ValueError("SteeringVector: every layer's `custom` steering must be of one class")
 
     # ------------------------------------------------------------------ info
     @property
     def kind(self) -> str:
-        """``"additive"``, ``"clamp"`` or ``"affine"``."""
+        """``"additive"``, ``"clamp"``, ``"affine"`` or a custom parameterisation's ``kind``."""
+        if self.custom:
+            return next(iter(self.custom.values())).kind
         return "clamp" if self.clamp is not None else "affine" if self.affine else "additive"
+
+    def steerings(self) -> dict[int, Steering]:
+        """``{layer: Steering}``: the parameterisation object that applies each layer's steering."""
+        if self.custom is not None:
+            return dict(self.custom)
+        out: dict[int, Steering] = {}
+        for layer, v in self.layer_activations.items():
+            if self.clamp is not None:
+                out[layer] = Clamp(v, self.clamp)
+            elif self.affine and layer in self.affine:
+                out[layer] = Affine(v, *self.affine[layer])
+            else:
+                out[layer] = Additive(v)
+        return out
+
+    @classmethod
+    def from_steering(cls, steering: Mapping[int, Steering], *, layer_type: str = "decoder_block",
+                      metadata: dict[str, Any] | None = None) -> SteeringVector:
+        """Wrap ``{layer: Steering}`` (e.g. ``OptimizeResult.steering``): built-in kinds become the
+        usual fields, other parameterisations are kept in ``custom``. Tensors are detached float32 copies."""
+        params = {int(k): p.map(lambda t: t.detach().float().clone()) for k, p in steering.items()}
+        acts = {k: p.vector for k, p in params.items()}
+        kinds = {type(p) for p in params.values()}
+        meta = dict(metadata or {})
+        if kinds == {Additive}:
+            return cls(acts, layer_type, metadata=meta)
+        if kinds == {Clamp} and len({p.coefficient for p in params.values() if isinstance(p, Clamp)}) == 1:
+            c = next(p.coefficient for p in params.values() if isinstance(p, Clamp))
+            return cls(acts, layer_type, clamp=c, metadata=meta)
+        if kinds == {Affine} and all(isinstance(p, Affine) and p.left is not None for p in params.values()):
+            affine = {k: (p.left, p.right) for k, p in params.items() if isinstance(p, Affine)
+                      and p.left is not None and p.right is not None}
+            return cls(acts, layer_type, affine=affine, metadata=meta)
+        return cls(acts, layer_type, metadata=meta, custom=params)
 
     @property
     def layers(self) -> list[int]:
@@ -178,6 +225,10 @@ class SteeringVector:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             return NotImplemented
         scale = float(scale)
+        if self.custom is not None:
+            custom = {k: p.scaled(scale) for k, p in self.custom.items()}
+            return dataclasses.replace(self, layer_activations={k: p.vector for k, p in custom.items()},
+                                       custom=custom, metadata=dict(self.metadata))
         affine = None if self.affine is None else {k: (a * scale, b.clone()) for k, (a, b) in self.affine.items()}
         return dataclasses.replace(self, layer_activations={k: v * scale for k, v in self.layer_activations.items()},
                                    affine=affine, metadata=dict(self.metadata))
@@ -198,6 +249,10 @@ class SteeringVector:
         acts = {k: v.to(*args, **kwargs) for k, v in self.layer_activations.items()}
         affine = None if self.affine is None else {
             k: (a.to(*args, **kwargs), b.to(*args, **kwargs)) for k, (a, b) in self.affine.items()}
+        if self.custom is not None:
+            custom = {k: p.map(lambda t: t.to(*args, **kwargs)) for k, p in self.custom.items()}
+            return dataclasses.replace(self, layer_activations={k: p.vector for k, p in custom.items()},
+                                       custom=custom)
         return dataclasses.replace(self, layer_activations=acts, affine=affine)
 
     # ------------------------------------------------------------------ persistence (see persist.py)
@@ -258,10 +313,9 @@ class SteeringVector:
         targets = [(layer, resolve_site_module(model, layer, self.layer_type, layer_config)) for layer in self.layers]
         tracker = SequenceTracker()
         specs: list[HookSpec] = [(model, tracker, "pre")]
+        steerings = self.steerings()
         for layer, module in targets:
-            factors = self.affine.get(layer) if self.affine else None
-            fn = _make_apply(self.layer_activations[layer], multiplier, self.clamp, factors, selection, operator,
-                             tracker)
+            fn = _make_apply(steerings[layer], multiplier, selection, operator, tracker)
             specs.append(site_hook(module, self.layer_type, fn))
         return specs
 
@@ -393,9 +447,9 @@ def check_multiplier(multiplier: Any, *, allow_callable: bool = True) -> Multipl
     return float(multiplier)
 
 
-def _make_apply(vec: torch.Tensor, multiplier: Multiplier, clamp: float | None,
-                factors: tuple[torch.Tensor, torch.Tensor] | None, selection: TokenSelection,
-                operator: Operator | None, tracker: SequenceTracker) -> SiteFn:
+def _make_apply(param: Steering, multiplier: Multiplier, selection: TokenSelection, operator: Operator | None,
+                tracker: SequenceTracker) -> SiteFn:
+    """The site function steering with ``param`` scaled by the (possibly callable) ``multiplier``."""
     def fn(h: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         if h.dim() != 3:
             raise ValueError(f"steering expects activations of shape (batch, seq, d), got {tuple(h.shape)}")
@@ -403,9 +457,9 @@ def _make_apply(vec: torch.Tensor, multiplier: Multiplier, clamp: float | None,
         mask = None
         if not selection.selects_all:
             mask = selection.mask(*current_positions(h, position_ids, tracker))
-        left = right = None
-        if factors is not None:
-            left, right = factors[0].to(h) * m, factors[1].to(h)
-        return steer(h, vec.to(h) * m, left=left, right=right, clamp=clamp, mask=mask, operator=operator)
+        if operator is not None:  # additive vectors only (checked by hook_specs)
+            return steer(h, param.vector.to(h) * m, mask=mask, operator=operator)
+        p = param if m == 1.0 else param.scaled(m)
+        return steer_with(h, [p], p.vector, mask=mask)
 
     return fn
