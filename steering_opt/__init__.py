@@ -202,7 +202,14 @@ __all__ = [
 # are typed as the functions; at run time they are the callable modules.
 if TYPE_CHECKING:
     from .arch import SITES, get_blocks, get_site_module, hidden_size, num_layers, resolve_layer
-    from .compat.llm_steering_opt import hf_hooks_contextmanager, make_abl_mat, make_steering_hook_hf
+    from .compat.llm_steering_opt import (
+        hf_hooks_contextmanager,
+        make_abl_mat,
+        make_steering_hook_hf,
+        optimize_vector,
+        optimize_vector_minibatch_hf,
+        optimize_vectors,
+    )
     from .compat.rotalabs_steer import ActivationHook, ActivationInjector, MultiVectorInjector, generate_with_steering
     from .compat.steering_vectors import train_steering_vector
     from .contrastive import (
@@ -225,7 +232,7 @@ if TYPE_CHECKING:
     from .loop import OptimizeResult
     from .melbo import make_melbo_loss_funcs
     from .models import load_model, load_tokenizer
-    from .optimize import optimize, optimize_vector, optimize_vector_minibatch_hf, optimize_vectors
+    from .optimize import optimize
     from .options import OptimizeOptions
     from .parameterization import Additive, Affine, Clamp, Steering
     from .persist import SteeringFileError, check_compatible, export_gguf, export_tensors, import_gguf, load, save

@@ -128,7 +128,7 @@ def optimize(
     validate.model(model)
     opts = OptimizeOptions.build(options, overrides)
     dps = validate.datapoints(datapoints)
-    layers = validate.layers(model, layer, "layer")
+    layers = validate.layers(model, layer, "layers" if per_layer else "layer")
     validate.tokenizer(tokenizer)
     d = arch.hidden_size(model)
     opts.check(d)

@@ -44,7 +44,7 @@ from .contrastive import contrastive_vector
 from .data import TrainingDatapoint, _encode
 from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, Prompt, check_prompts, format_prompt
 from .hooks import capture_inputs, frozen_model
-from .optimize import optimize_vector
+from .optimize import optimize
 from .plots import _figure_and_ax, _finish
 from .scorers import get_scorer
 from .vector import SteeringVector
@@ -379,7 +379,8 @@ def sweep(
         neutral_prompts: prompts for the KL measurement.
         generate: generate validation texts (``"auto"``: only with a scorer).
         max_new_tokens, batch_size: generation settings.
-        optimize_kwargs: extra ``optimize_vector`` arguments (default :data:`DEFAULT_OPTIMIZE_KWARGS`).
+        optimize_kwargs: extra :func:`~steering_opt.optimize.optimize` options (default
+            :data:`DEFAULT_OPTIMIZE_KWARGS`).
         contrastive_kwargs: extra :func:`~steering_opt.contrastive.contrastive_vector` arguments.
         time_budget_s: soft limit (s): no new (layer, variant) is started once the elapsed time plus
             the measured cost of one more would exceed it; at least one is always measured.
@@ -468,8 +469,8 @@ def sweep(
         t0 = time.perf_counter()
         info: dict[str, Any] = {}
         if method == "optimize":
-            v, info = optimize_vector(model, train_items, layer, tokenizer=tokenizer, progress=progress,
-                                      **{**opt_kwargs, **opts})
+            result = optimize(model, tokenizer, train_items, layer, progress=progress, **{**opt_kwargs, **opts})
+            v, info = result.vector, result.info
             vec = SteeringVector.from_optimization(v, info, layer, clamp=opts.get("vector_clamp"),
                                                    metadata={"variant": name})
         elif method == "contrastive":
@@ -546,7 +547,7 @@ def auto_steer(
         norm_fractions: norm caps as fractions of the median residual-stream norm at each layer
             (``None`` = no cap).
         kl_weight, neutral_prompts: the KL penalty.
-        optimize_kwargs: extra ``optimize_vector`` arguments (default: lr 0.1, 30 steps).
+        optimize_kwargs: extra :func:`~steering_opt.optimize.optimize` options (default: lr 0.1, 30 steps).
         seed, progress: optimiser seed and progress bars.
 
     Returns:

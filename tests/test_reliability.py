@@ -681,21 +681,21 @@ def test_zero_clamp_vector_mid_run_is_nonfinite(monkeypatch: pytest.MonkeyPatch,
                                                 tokenizer: Any) -> None:
     """A clamp vector that reaches zero (its direction is undefined) stops the run like a NaN would, with the
     last usable vector, instead of an exception from inside the forward pass."""
-    import steering_opt.optimize as opt_mod
+    from steering_opt.loop import JobState
 
     dp = so.TrainingDatapoint("The cat sat on the", dst_completions=[" hat"])
     kw = dict(tokenizer=tokenizer, vector_clamp=1.0, lr=0.1, seed=2)
-    real, calls = opt_mod._project, {"n": 0}
+    real, calls = JobState.project, {"n": 0}
 
-    def project(params: Any, *a: Any) -> None:
-        real(params, *a)
+    def project(state: Any) -> None:
+        real(state)
         calls["n"] += 1
         if calls["n"] == 3:  # the projection after step 2
             with torch.no_grad():
-                for t in params.tensors():
+                for t in state.tensors:
                     t.zero_()
 
-    monkeypatch.setattr(opt_mod, "_project", project)
+    monkeypatch.setattr(JobState, "project", project)
     vec, info = so.optimize_vector(tiny_llama, [dp], 1, max_iters=5, **kw)
     monkeypatch.undo()
     ref, ref_info = so.optimize_vector(tiny_llama, [dp], 1, max_iters=1, **kw)
