@@ -17,10 +17,9 @@ from typing import cast
 import torch
 from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
-from .compat.llm_steering_opt import hf_hooks_contextmanager, make_steering_hook_hf
+from .compat.llm_steering_opt import hf_hooks_contextmanager, make_steering_hook_hf, optimize_vector
 from .data import TrainingDatapoint
 from .models import load_model
-from .optimize import optimize_vector
 
 __all__ = ["DEMO_PROMPT", "HELD_OUT", "chat_completion", "run_demo"]
 
