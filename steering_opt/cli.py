@@ -731,9 +731,9 @@ def _add_info_parser(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    dtype = _check_model_options(args)  # fail fast, before importing or loading anything
     from .demo import run_demo
 
-    dtype = _check_model_options(args)  # fail fast, before loading anything
     run_demo(args.model, device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens, layer=args.layer,
              max_iters=args.max_iters)
     return 0
