@@ -546,7 +546,8 @@ SWEEP_FLAGS: dict[str, dict[str, Any]] = {
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .fsutil import atomic_write_file
     from .persist import save
-    from .sweep import plot_sweep_heatmap, sweep
+    from .plots import plot_sweep_heatmap
+    from .sweep import sweep
 
     options = _options(args)
     _check_unique("--layers", args.layers)
@@ -666,38 +667,8 @@ def _add_export_parser(sub: Any) -> None:
 # ------------------------------------------------------------------------------------------- info
 
 
-def _describe(vec: Any, indent: str = "") -> list[str]:
-    m = vec.metadata
-    lines = [f"{indent}kind: {vec.kind}" + (f" (clamp {vec.clamp:g})" if vec.clamp is not None else "")
-             + (f" (rank {next(iter(vec.affine.values()))[0].shape[0]})" if vec.affine else ""),
-             f"{indent}site: {vec.layer_type}, layers: {vec.layers}, hidden size: {vec.hidden_size}",
-             f"{indent}norms: {_norms(vec, '.4g')}"]
-    model = m.get("model") if isinstance(m.get("model"), dict) else {}
-    if model:
-        parts = [str(model.get(k)) for k in ("architecture", "model_type") if model.get(k)]
-        extra = [f"{model[k]} {label}" for k, label in (("hidden_size", "hidden"), ("num_layers", "layers"))
-                 if model.get(k) is not None]
-        lines.append(f"{indent}model: {model.get('name_or_path') or '?'} ({', '.join(parts + extra)})")
-    for key, label in (("method", "method"), ("iters", "iterations"), ("status", "status"),
-                       ("output_constr_iters", "norm-minimisation steps"),
-                       ("constraints_satisfied", "constraints satisfied")):
-        if m.get(key) is not None:
-            lines.append(f"{indent}{label}: {m[key]}")
-    if m.get("final_loss") is not None:
-        lines.append(f"{indent}final loss: {m['final_loss']:.6g} {m.get('loss_units', 'nats')}")
-    if m.get("hyperparameters"):
-        hp = ", ".join(f"{k}={v}" for k, v in m["hyperparameters"].items() if v is not None)
-        lines.append(f"{indent}hyper-parameters: {hp}")
-    if m.get("datapoints"):
-        lines.append(f"{indent}datapoints: {json.dumps(m['datapoints'], ensure_ascii=False)}")
-    for key in ("created_at", "library_version"):
-        if m.get(key):
-            lines.append(f"{indent}{key.replace('_', ' ')}: {m[key]}")
-    return lines
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .persist import load, read_metadata
+    from .persist import describe, load, read_metadata
 
     obj = load(args.path)  # full verification: checksum, shapes, dtypes, finiteness
     if args.json:
@@ -716,7 +687,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for name, vec in members:
         if name is not None:
             print(f"[{name}]")
-        print("\n".join(_describe(vec, "  ")))
+        print("\n".join(describe(vec, "  ")))
     return 0
 
 

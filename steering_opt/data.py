@@ -123,7 +123,9 @@ class TokenizedCompletion:
         return len(self.ids) - self.prompt_len
 
 
-def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+def encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    """The token ids of ``text``; ``special``: with the tokenizer's special tokens (e.g. BOS), as for prompts
+    (completions are encoded without)."""
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
@@ -174,13 +176,13 @@ def tokenize_datapoints(
     """Tokenise every (datapoint, completion) once; the order is datapoint, then src, then dst."""
     seqs: list[TokenizedCompletion] = []
     for d, dp in enumerate(datapoints):
-        p_ids = _encode(tokenizer, dp.prompt, special=True)
+        p_ids = encode(tokenizer, dp.prompt, special=True)
         if not p_ids:
             raise ValueError(f"datapoints[{d}].prompt tokenises to zero tokens")
         for kind, comps, targets in ((SRC, dp.src_completions, dp.src_completions_target_losses),
                                      (DST, dp.dst_completions, dp.dst_completions_target_losses)):
             for k, comp in enumerate(comps):
-                c_ids = _encode(tokenizer, comp, special=False)
+                c_ids = encode(tokenizer, comp, special=False)
                 if not c_ids:
                     raise ValueError(f"datapoints[{d}] completion {comp!r} tokenises to zero tokens")
                 ids = p_ids + c_ids

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -73,6 +73,18 @@ class SteerSpec:
 
 
 SpecFn = Callable[[list[int]], SteerSpec]
+
+
+class LossEngine(Protocol):
+    """What the optimisation loop needs from an engine (:class:`Engine` and its data-parallel wrapper)."""
+
+    seqs: list[Seq]
+    layers: list[int]
+
+    def run(self, spec_fn: SpecFn, *, weights: torch.Tensor | None = None, backward: bool = True,
+            subset: Sequence[int] | None = None) -> torch.Tensor: ...
+
+    def forget(self, subset: Sequence[int] | None) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,9 +239,10 @@ class FastEngine(Engine):
         self.cache_lower_layers = cache_lower_layers and layer_config is None
         self.share_prompts = share_prompts and self._tree_mask_ok()
         self.low = self.layers[0]
-        self.head = model.get_output_embeddings()
-        if self.head is None:
+        head = model.get_output_embeddings()  # type: ignore[operator]  # an HF PreTrainedModel method
+        if head is None:
             raise ValueError("model has no output embeddings (get_output_embeddings() is None)")
+        self.head: nn.Module = head
         self.dtype = next(model.parameters()).dtype
         self._chunks: dict[tuple[int, ...], list[_Chunk]] = {}
 
@@ -267,7 +280,8 @@ class FastEngine(Engine):
         return p + sum(self.seqs[i].completion_len for i in group)
 
     def _make_chunks(self, idx: list[int]) -> list[_Chunk]:
-        chunks, cur = [], []
+        chunks: list[_Chunk] = []
+        cur: list[list[int]] = []
         for g in self._groups(idx):
             longest = max(self._packed_len(x) for x in cur + [g])
             if cur and longest * (len(cur) + 1) > self.max_batch_tokens:

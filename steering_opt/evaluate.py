@@ -52,8 +52,17 @@ from torch import nn
 
 from . import arch
 from .compat.llm_steering_opt import hf_hooks_contextmanager
-from .data import _encode
-from .hooks import frozen_model, pad_sequences, pad_token_id
+from .data import encode
+from .hooks import frozen_model
+from .passes import (
+    Prompt,
+    encode_prompts,
+    format_prompt,
+    generate_ids,
+    mean_kl,
+    next_token_logprobs,
+    token_logprobs,
+)
 from .scorers import distinct_n, get_scorer, real_word_fraction, repetition_rate
 from .vector import SteeringVector, check_multiplier
 
@@ -71,8 +80,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Prompt = str | Sequence[Mapping[str, str]]
 
 #: Neutral prompts for the KL measurement: everyday text with no particular topic, tone or language cue.
 DEFAULT_NEUTRAL_PROMPTS: tuple[str, ...] = (
@@ -92,27 +99,6 @@ DEFAULT_NEUTRAL_PROMPTS: tuple[str, ...] = (
 
 
 # ------------------------------------------------------------------------------------------ inputs
-
-
-def format_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> str:
-    """The text the model sees for ``prompt``: a plain string as is (or, with ``chat=True``, as one
-    user turn), a conversation through the tokenizer's chat template with the generation prompt."""
-    if isinstance(prompt, str):
-        if not chat:
-            return prompt
-        messages: list[Mapping[str, str]] = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
-        messages = list(prompt)
-        for i, m in enumerate(messages):
-            if "role" not in m or "content" not in m:
-                raise ValueError(f"chat message {i} must have 'role' and 'content' keys, got {sorted(m)}")
-    else:
-        raise TypeError(f"a prompt must be a str or a list of chat messages ({{'role', 'content'}} dicts), "
-                        f"got {type(prompt).__name__}")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("chat prompts need a tokenizer with a chat template (tokenizer.chat_template is None); "
-                         "pass plain strings with chat=False")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _prompt_label(prompt: Prompt) -> str:
@@ -234,126 +220,6 @@ def _describe_steering(steering: Any) -> str:
 # ------------------------------------------------------------------------------------ model passes
 
 
-def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
-    ids: set[int] = set()
-    for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
-        val = getattr(src, "eos_token_id", None) if src is not None else None
-        if isinstance(val, int):
-            ids.add(val)
-        elif isinstance(val, (list, tuple)):
-            ids.update(int(x) for x in val)
-    return sorted(ids)
-
-
-def _batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
-    """Indices grouped into batches of similar length (sorted by length, longest first)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        longest = lengths[cur[0]] if cur else lengths[i]
-        if cur and (len(cur) >= batch_size or (max_batch_tokens and (len(cur) + 1) * longest > max_batch_tokens)):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
-
-
-@torch.no_grad()
-def _generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
-                  do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int,
-                  batch_size: int) -> list[list[int]]:
-    """Generated token ids after each prompt (KV cache, left padding, cut before the first EOS)."""
-    from transformers import GenerationConfig
-
-    arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
-    pad = pad_token_id(tokenizer, model)
-    eos = _eos_ids(tokenizer, model)
-    dev = arch.input_device(model)
-    cfg_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                                      eos_token_id=eos or None, use_cache=True)
-    if do_sample:
-        cfg_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    gen_cfg = GenerationConfig(**cfg_kwargs)
-    out: list[list[int]] = [[] for _ in prompt_ids]
-    for b, idx in enumerate(_batches([len(p) for p in prompt_ids], batch_size)):
-        ids, mask = pad_sequences([prompt_ids[i] for i in idx], pad, side="left")
-        longest = ids.shape[1]
-        with contextlib.ExitStack() as stack:
-            if do_sample:
-                stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
-                torch.manual_seed(seed + b)
-            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
-        for r, i in enumerate(idx):
-            toks = gen[r, longest:].tolist()
-            for j, t in enumerate(toks):
-                if t in eos:
-                    toks = toks[:j]
-                    break
-            out[i] = toks
-    return out
-
-
-@torch.no_grad()
-def _token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], *,
-                    batch_size: int, max_batch_tokens: int = 2048) -> list[torch.Tensor]:
-    """``log p(y_t | x, y_<t)`` (float32, nats) of every completion token, one tensor per
-    (prompt ids, completion ids) pair; right padding; logits only at the completion positions."""
-    arch.check_context_length(model, max((len(p) + len(c) for p, c in pairs), default=0),
-                              "a prompt + completion")
-    pad = pad_token_id(tokenizer, model)
-    dev = arch.input_device(model)
-    out: list[torch.Tensor] = [torch.zeros(0) for _ in pairs]
-    lengths = [len(p) + len(c) for p, c in pairs]
-    for idx in _batches(lengths, batch_size, max_batch_tokens):
-        ids, mask = pad_sequences([pairs[i][0] + pairs[i][1] for i in idx], pad)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-        for r, i in enumerate(idx):
-            p_len, c_len = len(pairs[i][0]), len(pairs[i][1])
-            if c_len == 0:
-                continue
-            lg = logits[r, p_len - 1: p_len - 1 + c_len].float()
-            tgt = torch.tensor(pairs[i][1], device=lg.device)
-            out[i] = torch.log_softmax(lg, -1).gather(-1, tgt[:, None])[:, 0].cpu()
-    return out
-
-
-@torch.no_grad()
-def _next_token_logprobs(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, positions: str,
-                         batch_size: int) -> list[torch.Tensor]:
-    """Log-softmax next-token distributions ``(n_positions, vocab)`` (float32) of each prompt, at every
-    position (``positions="all"``) or the last one (``"last"``)."""
-    arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
-    pad = pad_token_id(tokenizer, model)
-    dev = arch.input_device(model)
-    out: list[torch.Tensor] = [torch.zeros(0) for _ in prompt_ids]
-    lengths = [len(p) for p in prompt_ids]
-    for idx in _batches(lengths, batch_size, 2048):
-        ids, mask = pad_sequences([prompt_ids[i] for i in idx], pad)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-        for r, i in enumerate(idx):
-            sl = slice(0, lengths[i]) if positions == "all" else slice(lengths[i] - 1, lengths[i])
-            out[i] = torch.log_softmax(logits[r, sl].float(), -1).cpu()
-    return out
-
-
-def _kl(unsteered: list[torch.Tensor], steered: list[torch.Tensor]) -> float:
-    """Mean over positions of ``KL(p_u ‖ p_s)`` (nats)."""
-    lu, ls = torch.cat(unsteered), torch.cat(steered)
-    per_pos = (lu.exp() * (lu - ls)).sum(-1)
-    return float(per_pos.clamp_min(0).mean())
-
-
-def _encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool) -> list[list[int]]:
-    ids = [_encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True) for p in prompts]
-    for i, x in enumerate(ids):
-        if not x:
-            raise ValueError(f"prompt {i} tokenises to zero tokens")
-    return ids
-
-
 # ------------------------------------------------------------------------------ public primitives
 
 
@@ -389,9 +255,9 @@ def generate(
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
     _check_steering(model, steering)
-    p_ids = _encode_prompts(tokenizer, prompts, chat)
+    p_ids = encode_prompts(tokenizer, prompts, chat)
     with frozen_model(model), steering_context(model, steering, multiplier):
-        ids = _generate_ids(model, tokenizer, p_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        ids = generate_ids(model, tokenizer, p_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size)
     return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
 
@@ -420,11 +286,11 @@ def completion_logprobs(
         raise ValueError("`completions` must be a non-empty list of strings")
     _check_int("batch_size", batch_size, 1)
     _check_steering(model, steering)
-    p_ids = _encode_prompts(tokenizer, prompts, chat)
-    c_ids = [_encode(tokenizer, c, special=False) for c in comps]
+    p_ids = encode_prompts(tokenizer, prompts, chat)
+    c_ids = [encode(tokenizer, c, special=False) for c in comps]
     pairs = [(p, c) for p in p_ids for c in c_ids]
     with frozen_model(model), steering_context(model, steering, multiplier):
-        lps = _token_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+        lps = token_logprobs(model, tokenizer, pairs, batch_size=batch_size)
     vals = torch.tensor([float(x.mean() if per_token else x.sum()) for x in lps])
     return vals.view(len(p_ids), len(c_ids))
 
@@ -448,10 +314,10 @@ def perplexity(
     for i, c in enumerate(completions):
         if not isinstance(c, str):
             raise TypeError(f"`completions[{i}]` must be a str, got {type(c).__name__}")
-    p_ids = _encode_prompts(tokenizer, prompts, chat)
-    pairs = [(p, _encode(tokenizer, c, special=False) if c else []) for p, c in zip(p_ids, completions)]
+    p_ids = encode_prompts(tokenizer, prompts, chat)
+    pairs = [(p, encode(tokenizer, c, special=False) if c else []) for p, c in zip(p_ids, completions)]
     with frozen_model(model):
-        lps = _token_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+        lps = token_logprobs(model, tokenizer, pairs, batch_size=batch_size)
     return [math.exp(-float(x.mean())) if x.numel() else math.nan for x in lps]
 
 
@@ -472,12 +338,12 @@ def kl_divergence(
     if positions not in ("all", "last"):
         raise ValueError(f"`positions` must be 'all' or 'last', got {positions!r}")
     _check_steering(model, steering)
-    p_ids = _encode_prompts(tokenizer, prompts, chat)
+    p_ids = encode_prompts(tokenizer, prompts, chat)
     with frozen_model(model):
-        base = _next_token_logprobs(model, tokenizer, p_ids, positions=positions, batch_size=batch_size)
+        base = next_token_logprobs(model, tokenizer, p_ids, positions=positions, batch_size=batch_size)
         with steering_context(model, steering, multiplier):
-            steered = _next_token_logprobs(model, tokenizer, p_ids, positions=positions, batch_size=batch_size)
-    return _kl(base, steered)
+            steered = next_token_logprobs(model, tokenizer, p_ids, positions=positions, batch_size=batch_size)
+    return mean_kl(base, steered)
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -621,10 +487,10 @@ class Evaluator:
         self.fluency_lang = fluency_lang
         self.min_distinct2, self.min_real_words = float(min_distinct2), float(min_real_words)
         self.kl_positions = kl_positions
-        self.prompt_ids = _encode_prompts(tokenizer, self.prompts, self.chat)
-        self.neutral_ids = _encode_prompts(tokenizer, self.neutral, self.chat) if self.neutral else []
-        self.promote_ids = [_encode(tokenizer, c, special=False) for c in self.promote]
-        self.suppress_ids = [_encode(tokenizer, c, special=False) for c in self.suppress]
+        self.prompt_ids = encode_prompts(tokenizer, self.prompts, self.chat)
+        self.neutral_ids = encode_prompts(tokenizer, self.neutral, self.chat) if self.neutral else []
+        self.promote_ids = [encode(tokenizer, c, special=False) for c in self.promote]
+        self.suppress_ids = [encode(tokenizer, c, special=False) for c in self.suppress]
         longest_c = max(map(len, self.promote_ids + self.suppress_ids), default=0)  # refuse before any forward
         arch.check_context_length(model, max(map(len, self.prompt_ids + self.neutral_ids)) + longest_c,
                                   "a prompt (+ completion)")
@@ -637,7 +503,7 @@ class Evaluator:
             n = len(self.prompt_ids)
             return [None] * n, [None] * n, [None] * n
         pairs = [(p, c) for p in self.prompt_ids for c in comps]
-        lps = _token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
+        lps = token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
         sums = torch.tensor([float(x.sum()) for x in lps]).view(len(self.prompt_ids), len(comps))
         n_p = len(self.promote_ids)
         prom = sums[:, :n_p].mean(1).tolist() if n_p else [None] * len(self.prompt_ids)
@@ -646,7 +512,7 @@ class Evaluator:
         return prom, supp, marg
 
     def _texts(self) -> tuple[list[str], list[list[int]]]:
-        ids = _generate_ids(self.model, self.tokenizer, self.prompt_ids, **self.gen_kwargs)
+        ids = generate_ids(self.model, self.tokenizer, self.prompt_ids, **self.gen_kwargs)
         return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids], ids
 
     def _quality(self, texts: list[str], ids: list[list[int]]) -> dict[str, list[Any]]:
@@ -673,7 +539,7 @@ class Evaluator:
     def _nll(self, ids: list[list[int]]) -> tuple[list[float], list[int]]:
         """Summed NLL (nats) and token count of each generation under the unsteered model."""
         pairs = [(p, c) for p, c in zip(self.prompt_ids, ids)]
-        lps = _token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
+        lps = token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
         return [-float(x.sum()) for x in lps], [int(x.numel()) for x in lps]
 
     def baseline(self) -> dict[str, Any]:
@@ -683,7 +549,7 @@ class Evaluator:
                 base: dict[str, Any] = {}
                 base["promote"], base["suppress"], base["margin"] = self._margins()
                 if self.neutral_ids:
-                    base["neutral"] = _next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
+                    base["neutral"] = next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
                                                            positions=self.kl_positions, batch_size=self.batch_size)
                 if self.do_generate:
                     base["texts"], base["ids"] = self._texts()
@@ -701,11 +567,11 @@ class Evaluator:
         with frozen_model(self.model):
             with steering_context(self.model, steering, multiplier):
                 prom, supp, marg = self._margins()
-                neutral = (_next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
+                neutral = (next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
                                                 positions=self.kl_positions, batch_size=self.batch_size)
                            if self.neutral_ids else None)
                 texts, ids = self._texts() if self.do_generate else (None, None)
-            kl = _kl(base["neutral"], neutral) if neutral is not None else None
+            kl = mean_kl(base["neutral"], neutral) if neutral is not None else None
             if texts is not None:
                 quality = self._quality(texts, ids)
                 nll, ntok = self._nll(ids)

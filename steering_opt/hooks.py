@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from . import arch
+from .parameterization import Additive, Affine, Clamp, OperatorSteering, Steering
+from .parameterization import steer as steer_rows
 
 # ------------------------------------------------------------------------------------------ steering
 
@@ -43,52 +45,39 @@ def steer(
     mask: torch.Tensor | None = None,
     operator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Return steered activations (out of place, differentiable in every argument).
+    """Steer ``h`` with raw tensors: picks the parameterisation they describe and applies it with
+    :func:`steering_opt.parameterization.steer` (the one place an activation is changed).
 
     Args:
         h: activations, shape ``(batch, seq, d)``.
         vector: ``(d,)`` or one vector per row ``(batch, d)``.
-        left, right: affine factors ``(r, d)``; the map is ``h -> h + h Mᵀ + v`` with ``M = leftᵀ right``,
-            computed as ``(h rightᵀ) left`` (rank-r, never a dense ``d×d`` product).
-        matrix: a dense ``(d, d)`` matrix ``M``: ``h -> h + h Mᵀ + v``.
-        clamp: clamp coefficient ``c``: ``h -> h - (h·v̂) v̂ + c v`` (rank-1).
+        left, right: affine factors ``(r, d)``: ``h -> h + v + (h rightᵀ) left`` (:class:`Affine`).
+        matrix: a dense ``(d, d)`` matrix ``M``: ``h -> h + v + h Mᵀ``.
+        clamp: clamp coefficient ``c``: ``h -> h - (h·v̂) v̂ + c v`` (:class:`Clamp`).
         mask: bool ``(batch, seq)``; positions where it is False are left untouched (a float mask
             weights the change per position).
         operator: ``operator(h, vector) -> delta`` (shape ``(batch, seq, d)`` or ``(d,)``) replacing the
-            additive/clamp rule (e.g. :func:`steering_opt.contrastive.ablation_operator`); the affine
-            terms, if any, are still added.
+            additive rule (e.g. :func:`steering_opt.contrastive.ablation_operator`).
 
     Returns:
         Tensor of the same shape and dtype as ``h``.
     """
-    v = vector.to(device=h.device, dtype=h.dtype)
-    if v.dim() == 1:
-        v = v.expand(h.shape[0], -1)
-    v = v[:, None, :]  # (batch, 1, d)
+    given = [name for name, x in (("clamp", clamp), ("left/right", left), ("matrix", matrix),
+                                   ("operator", operator)) if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"steer: {' and '.join(given)} cannot be combined")
+    param: Steering
     if operator is not None:
-        out = operator(h, vector.to(device=h.device, dtype=h.dtype))
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"operator must return a tensor, got {type(out).__name__}")
-        try:
-            delta = torch.broadcast_to(out.to(h), h.shape)
-        except RuntimeError as e:
-            raise ValueError(f"operator returned shape {tuple(out.shape)}; expected {tuple(h.shape)} or "
-                             f"({h.shape[-1]},)") from e
+        param = OperatorSteering(vector, operator)
     elif clamp is not None:
-        norm = v.norm(dim=-1, keepdim=True)
-        if bool((norm == 0).any()):
-            raise ValueError("clamp steering needs a non-zero vector (got a vector of norm 0)")
-        vhat = v / norm
-        delta = -(h * vhat).sum(-1, keepdim=True) * vhat + clamp * v
+        param = Clamp(vector, clamp)
+    elif left is not None or right is not None:
+        param = Affine(vector, left, right)
+    elif matrix is not None:
+        param = Affine(vector, matrix=matrix)
     else:
-        delta = v.expand_as(h)
-    if left is not None and right is not None:
-        delta = delta + (h @ right.to(h).T) @ left.to(h)
-    if matrix is not None:
-        delta = delta + h @ matrix.to(h).T
-    if mask is not None:
-        delta = delta * mask.to(device=h.device, dtype=h.dtype)[..., None]
-    return h + delta
+        param = Additive(vector)
+    return steer_rows(h, [param], vector, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------- hooks
@@ -289,10 +278,14 @@ def capture_inputs(
     specs: list[HookSpec] = []
     for item in steer_hooks:
         if len(item) == 3:
-            specs.append(item)  # type: ignore[arg-type]
+            specs.append(item)  # a full (module, fn, kind) spec
         else:
             module, fn = item
-            specs.append(site_hook(module, "decoder_block", lambda h, _pos, fn=fn: fn(h)))
+
+            def site_fn(h: torch.Tensor, _pos: torch.Tensor | None, fn: Callable = fn) -> torch.Tensor:
+                return fn(h)
+
+            specs.append(site_hook(module, "decoder_block", site_fn))
     got = capture(run, {i: (m, "pre") for i, m in enumerate(modules)}, hooks=specs)
     missing = [i for i in range(len(modules)) if i not in got]
     if missing:
@@ -396,6 +389,7 @@ def current_positions(h: torch.Tensor, position_ids: torch.Tensor | None,
     pos = torch.arange(n, device=h.device)[None] if pos is None else pos
     pos = pos.to(h.device).long().expand(b, n)
     if tracker is not None and tracker.prompt_end is not None and tracker.prompt_end.shape[0] == b:
+        assert tracker.prompt_start is not None
         return pos, tracker.prompt_start.to(h.device), tracker.prompt_end.to(h.device)
     start, end = _bounds(pos, None)
     return pos, start, end
@@ -423,8 +417,8 @@ class TokenSelection:
             raise ValueError(f"`min_token_index` must be an int >= 0, got {min_token_index!r}")
         if injection_mode not in INJECTION_MODES:
             raise ValueError(f"`injection_mode` must be one of {INJECTION_MODES}, got {injection_mode!r}")
-        self.min_token_index = int(min_token_index)
-        self.injection_mode = injection_mode
+        self.min_token_index: int = int(min_token_index)
+        self.injection_mode: str = injection_mode
         self.indices: torch.Tensor | None = None
         self.slice: slice | None = None
         self.weights: torch.Tensor | None = None

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import TokenizedCompletion, nest_losses
-from .engine import Engine, SteerSpec
+from .engine import LossEngine, SteerSpec
 from .options import OptimizeOptions
 from .parameterization import Additive, Affine, Steering
 
@@ -191,7 +191,8 @@ class JobState:
         self.tangent: torch.Tensor | None = None  # (n_dp, d) unsteered-loss gradients for tangent noise
         self.start = 0  # offset of this job's sequences in the engine's list
         self.history: list[float] = []
-        self.hits, self.steps, self.prev = 0, 0, None
+        self.hits, self.steps = 0, 0
+        self.prev: float | None = None
         self.status = "max_iters"
         self.losses = torch.full((len(seqs),), math.nan)  # no finite evaluation yet: never report a made-up loss
         self.done = self.final_eval = False
@@ -344,7 +345,7 @@ def spec_for(states: Sequence[JobState], layers: Sequence[int], seq_job: torch.T
     return fn
 
 
-def tangent_gradients(engine: Engine, states: Sequence[JobState], layers: Sequence[int], d: int,
+def tangent_gradients(engine: LossEngine, states: Sequence[JobState], layers: Sequence[int], d: int,
                       device: torch.device) -> None:
     """Set ``state.tangent`` ``(n_dp, d)``: the gradient of each datapoint's unsteered loss w.r.t. an
     additive vector, for the jobs with tangent-space noise (one pass for all of them)."""
@@ -353,7 +354,7 @@ def tangent_gradients(engine: Engine, states: Sequence[JobState], layers: Sequen
         return
     n = len(engine.seqs)
     zero = torch.zeros(n, d, device=device, requires_grad=True)
-    additive = [Additive(zero[0])]
+    additive: list[Steering] = [Additive(zero[0])]
 
     def zero_spec(idx: list[int]) -> SteerSpec:
         return SteerSpec(rows={layer: zero[idx] for layer in layers}, params={layer: additive for layer in layers})
@@ -366,7 +367,7 @@ def tangent_gradients(engine: Engine, states: Sequence[JobState], layers: Sequen
         st.tangent = torch.zeros(st.n_dp, d).index_add(0, st.owner, per_seq[st.start: st.start + len(st.seqs)])
 
 
-def run_jobs(engine: Engine, states: Sequence[JobState], *, progress: bool | None = None,
+def run_jobs(engine: LossEngine, states: Sequence[JobState], *, progress: bool | None = None,
              desc: str = "optimize") -> None:
     """Optimise ``states`` together on ``engine``, whose sequences are the states' sequences
     concatenated (``state.start`` = offset). Every job has its own optimiser and stops on its own; a

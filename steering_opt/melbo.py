@@ -39,9 +39,8 @@ def _activations(model: nn.Module, tokenizer: Any, datapoints: Sequence[Training
                     return steer(h, [p], sign * p.vector)
 
                 hooks.append((arch.get_site_module(model, layer), fn))
-        ids = torch.tensor([s.ids], device=dev)
         with torch.set_grad_enabled(steering is not None):
-            (h,) = capture_inputs(model, [target], lambda ids=ids: model(input_ids=ids, use_cache=False),
+            (h,) = capture_inputs(model, [target], {"input_ids": torch.tensor([s.ids], device=dev), "use_cache": False},
                                   steer_hooks=hooks)
         out.append(h[0, s.prompt_len - 1:])
     return out

@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from . import arch, validate
-from .util import make_module_callable
 from .data import TrainingDatapoint, tokenize_datapoints
-from .engine import Engine, Objective, SteerSpec, make_engine
+from .engine import LossEngine, Objective, SteerSpec, make_engine
 from .hooks import frozen_model
 from .loop import JobState, OptimizeResult, RegFn, run_jobs
 from .options import DEFAULT_OUTPUT_CONSTR_ITERS, OptimizeOptions
 from .parameterization import Steering, class_for
+from .util import make_module_callable
 
 __all__ = ["OptimizeResult", "initial_steering", "make_generator", "optimize", "output_constrained", "regularizer"]
 
@@ -154,14 +154,16 @@ def optimize(
         state = JobState(steering, seqs, len(dps), opts, gen, reg_fn=regularizer(opts), subset_fn=subset_fn)
         objective = Objective(coldness=opts.coldness, do_one_minus=opts.do_one_minus,
                               normalize_token_length=opts.normalize_token_length)
-        eng: Engine = make_engine(opts.engine, model, seqs, layers, objective, max_batch_tokens=opts.max_batch_tokens)
+        eng: LossEngine = make_engine(opts.engine, model, seqs, layers, objective,
+                                      max_batch_tokens=opts.max_batch_tokens)
         extra: dict[str, Any] = {}
         if group is not None:  # each process computes a shard of every evaluation; grads/losses summed
             from .parallel import DataParallelEngine
 
             fingerprint = repr((opts.to_dict(), minibatch_size, per_layer, layers))
-            eng = DataParallelEngine(eng, state.tensors, group, fingerprint=fingerprint)
-            extra["processes"] = eng.world
+            wrapped = DataParallelEngine(eng, state.tensors, group, fingerprint=fingerprint)
+            extra["processes"] = wrapped.world
+            eng = wrapped
         run_jobs(eng, [state], progress=opts.progress, desc="optimize")
         result = state.result(extra, per_layer=per_layer)
         if opts.do_output_constr and state.status != "nonfinite":
@@ -184,7 +186,7 @@ def optimize(
     return result
 
 
-def output_constrained(engine: Engine, state: JobState, *, start_losses: torch.Tensor,
+def output_constrained(engine: LossEngine, state: JobState, *, start_losses: torch.Tensor,
                        custom_loss: Callable[[], torch.Tensor] | None = None) -> tuple[int, torch.Tensor, bool,
                                                                                        list[float]]:
     """Minimise ``f = ‖v‖ (+‖M‖_F)`` subject to loss constraints by the modified differential method

@@ -101,7 +101,8 @@ class OptimizeOptions:
         v.positive("max_norm", self.max_norm)
         v.positive("starting_norm", self.starting_norm, allow_none=False)
         v.real("vector_clamp", self.vector_clamp, allow_none=True)
-        if self.affine_rank is not None and (isinstance(self.affine_rank, bool) or not isinstance(self.affine_rank, int)):
+        rank = self.affine_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):  # range: check(d)
             raise ValueError(f"`affine_rank` must be an int in [1, hidden size] or None, got {self.affine_rank!r}")
         v.positive("max_affine_norm", self.max_affine_norm)
         v.positive("starting_affine_norm", self.starting_affine_norm, allow_none=False)

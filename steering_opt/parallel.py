@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import validate
-from .engine import Engine, SpecFn
+from .engine import LossEngine, SpecFn
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,12 @@ class DataParallelEngine:
     ``RuntimeError`` saying so.
     """
 
-    def __init__(self, engine: Engine, params: Sequence[torch.Tensor], group: Any = None, *,
+    def __init__(self, engine: LossEngine, params: Sequence[torch.Tensor], group: Any = None, *,
                  fingerprint: str = ""):
         dist = _dist()
         self.inner = engine
         self.seqs = engine.seqs
+        self.layers = engine.layers
         self.params = list(params)
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
@@ -153,6 +154,9 @@ class DataParallelEngine:
                 buf = t.detach().to(self._comm).contiguous()
                 self._collective("broadcast the initial parameters", dist.broadcast, buf, src=self._src)
                 t.copy_(buf.to(t.device))
+
+    def forget(self, subset: Sequence[int] | None) -> None:
+        self.inner.forget(subset)
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":

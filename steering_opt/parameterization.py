@@ -313,6 +313,37 @@ class Affine(Steering):
         return rows.to(h)[:, None, :] + torch.bmm(torch.bmm(h, right.transpose(1, 2)), left)
 
 
+class OperatorSteering(Steering):
+    """``h + operator(h, v)``: a user function gives the change (steering-vectors' operators, e.g.
+    ablation then addition). Not saved to files (a function is not data), so it has no ``kind``."""
+
+    def __init__(self, vector: torch.Tensor, operator: Any):
+        self.vector, self.operator = vector, operator
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"vector": self.vector}
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Steering:
+        raise TypeError("an operator steering cannot be rebuilt from a file")
+
+    def map(self, fn: Any) -> Steering:
+        return OperatorSteering(fn(self.vector), self.operator)
+
+    def scaled(self, k: float) -> Steering:
+        return OperatorSteering(self.vector * k, self.operator)
+
+    def delta(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = self.operator(h, self.vector.to(device=h.device, dtype=h.dtype))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"operator must return a tensor, got {type(out).__name__}")
+        try:
+            return torch.broadcast_to(out.to(h), h.shape)
+        except RuntimeError as e:
+            raise ValueError(f"operator returned shape {tuple(out.shape)}; expected {tuple(h.shape)} or "
+                             f"({h.shape[-1]},)") from e
+
+
 #: Additive steering whose per-row vectors are given directly (the object's own vector is never read).
 ADDITIVE: list[Steering] = [Additive(torch.zeros(0))]
 

@@ -93,6 +93,7 @@ __all__ = [
     "atomic_write_file",
     "check_compatible",
     "check_save_target",
+    "describe",
     "describe_datapoints",
     "export_gguf",
     "export_tensors",
@@ -527,6 +528,40 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no steering vector at {str(path)!r} (no such file or folder)")
     raise SteeringFileError(f"{path}: not a steering_opt save")
+
+
+def describe(vector: SteeringVector, indent: str = "") -> list[str]:
+    """A readable description of ``vector``, one line per item (``steering-opt info``): kind, site, layers and
+    norms, then what its metadata records (model, method, iterations, final loss, hyper-parameters, datapoints,
+    creation time and library version); each line starts with ``indent``."""
+    m = vector.metadata
+    norms = ", ".join(f"{k}: {float(v.norm()):.4g}" for k, v in sorted(vector.layer_activations.items()))
+    lines = [f"{indent}kind: {vector.kind}" + (f" (clamp {vector.clamp:g})" if vector.clamp is not None else "")
+             + (f" (rank {next(iter(vector.affine.values()))[0].shape[0]})" if vector.affine else ""),
+             f"{indent}site: {vector.layer_type}, layers: {vector.layers}, hidden size: {vector.hidden_size}",
+             f"{indent}norms: {norms}"]
+    model = m.get("model") if isinstance(m.get("model"), dict) else {}
+    if model:
+        parts = [str(model.get(k)) for k in ("architecture", "model_type") if model.get(k)]
+        extra = [f"{model[k]} {label}" for k, label in (("hidden_size", "hidden"), ("num_layers", "layers"))
+                 if model.get(k) is not None]
+        lines.append(f"{indent}model: {model.get('name_or_path') or '?'} ({', '.join(parts + extra)})")
+    for key, label in (("method", "method"), ("iters", "iterations"), ("status", "status"),
+                       ("output_constr_iters", "norm-minimisation steps"),
+                       ("constraints_satisfied", "constraints satisfied")):
+        if m.get(key) is not None:
+            lines.append(f"{indent}{label}: {m[key]}")
+    if m.get("final_loss") is not None:
+        lines.append(f"{indent}final loss: {m['final_loss']:.6g} {m.get('loss_units', 'nats')}")
+    if m.get("hyperparameters"):
+        hp = ", ".join(f"{k}={v}" for k, v in m["hyperparameters"].items() if v is not None)
+        lines.append(f"{indent}hyper-parameters: {hp}")
+    if m.get("datapoints"):
+        lines.append(f"{indent}datapoints: {json.dumps(m['datapoints'], ensure_ascii=False)}")
+    for key in ("created_at", "library_version"):
+        if m.get(key):
+            lines.append(f"{indent}{key.replace('_', ' ')}: {m[key]}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------ compatibility

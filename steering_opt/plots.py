@@ -1,4 +1,4 @@
-"""Plots: contrastive activations in PCA space (seed 000's figure), loss curves, per-layer norms.
+"""Plots: contrastive activations in PCA space (seed 000's figure), loss curves, per-layer norms, sweeps.
 
 matplotlib is an optional extra (``pip install "steering-opt[plot]"``) imported only when a plot is
 made. Every function draws on ``ax`` if given, else on a new :class:`matplotlib.figure.Figure` that is
@@ -9,16 +9,21 @@ In Jupyter a returned figure displays as the cell's result.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .vector import SteeringVector
 
-__all__ = ["pca_project", "plot_layer_norms", "plot_loss_curve", "plot_pca"]
+if TYPE_CHECKING:  # steering_opt.sweep imports this module (SweepResult's plot methods)
+    from .sweep import SweepResult
+
+__all__ = ["pca_project", "plot_layer_norms", "plot_loss_curve", "plot_pca", "plot_success_vs_strength",
+           "plot_sweep_heatmap"]
 
 _POS_COLOR, _NEG_COLOR, _VEC_COLOR = "tab:blue", "tab:red", "tab:green"
 
@@ -271,4 +276,83 @@ def plot_layer_norms(
     ax.grid(True, axis="y", alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize="small")
+    return _finish(fig, save_path)
+
+
+def _sweep_metric(result: SweepResult, metric: str | None) -> str:
+    """Check ``result`` and return the metric to plot (default: fluent success rate if measured, else success rate,
+    else the criterion). A SweepResult is recognised by its fields, since steering_opt.sweep imports this module."""
+    if not all(hasattr(result, name) for name in ("table", "best", "baseline")):
+        raise TypeError(f"`result` must be a SweepResult, got {type(result).__name__}")
+    if not result.table:
+        raise ValueError("the sweep has no rows to plot")
+    if not metric:
+        metric = next((m for m in ("fluent_success_rate", "success_rate") if any(r.get(m) is not None
+                                                                                for r in result.table)), "criterion")
+    if not any(metric in r for r in result.table):
+        raise ValueError(f"unknown metric {metric!r}; available: {sorted(result.table[0])}")
+    return metric
+
+
+def plot_sweep_heatmap(result: SweepResult, metric: str | None = None, *, variant: str | None = None,
+                       ax: Any = None, save_path: str | Path | None = None, title: str | None = None) -> Any:
+    """Heatmap of ``metric`` (default: fluent success rate if measured, else the criterion) over
+    layer (rows) × multiplier (columns) for one variant (default: the best row's); the best cell is
+    outlined in red. Draws on ``ax`` or a new pyplot-free Figure (as every plot here);
+    returns the Figure; ``save_path`` also writes it (PNG, or the format of the suffix)."""
+    metric = _sweep_metric(result, metric)
+    variant = variant or (result.best["variant"] if result.best else result.table[0]["variant"])
+    rows = [r for r in result.table if r["variant"] == variant]
+    if not rows:
+        raise ValueError(f"no rows for variant {variant!r}; variants: {sorted({r['variant'] for r in result.table})}")
+    fig, ax = _figure_and_ax(ax, (1.6 + 0.9 * len({r["multiplier"] for r in rows}),
+                                  1.2 + 0.5 * len({r["layer"] for r in rows})))
+    layers = sorted({r["layer"] for r in rows})
+    mults = sorted({r["multiplier"] for r in rows})
+    grid = [[math.nan] * len(mults) for _ in layers]
+    for r in rows:
+        v = r.get(metric)
+        grid[layers.index(r["layer"])][mults.index(r["multiplier"])] = math.nan if v is None else float(v)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(mults)), [f"{m:g}" for m in mults])
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_xlabel("multiplier (strength)")
+    ax.set_ylabel("layer")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.2g}", ha="center", va="center", color="w" if v < (im.norm.vmax + im.norm.vmin) / 2
+                        else "k", fontsize=8)
+    b = result.best
+    if b is not None and b["variant"] == variant:
+        from matplotlib.patches import Rectangle
+
+        ax.add_patch(Rectangle((mults.index(b["multiplier"]) - 0.5, layers.index(b["layer"]) - 0.5), 1, 1,
+                               fill=False, edgecolor="red", linewidth=2))
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title(title or f"{metric} ({variant})")
+    return _finish(fig, save_path)
+
+
+def plot_success_vs_strength(result: SweepResult, metric: str | None = None, *, layers: Sequence[int] | None = None,
+                             ax: Any = None, save_path: str | Path | None = None, title: str | None = None) -> Any:
+    """``metric`` (default: fluent success rate if measured, else the criterion) against the multiplier,
+    one line per (layer, variant); the unsteered rate as a dashed line when known. Returns the Figure
+    (pyplot-free, or ``ax``'s); ``save_path`` also writes it."""
+    metric = _sweep_metric(result, metric)
+    fig, ax = _figure_and_ax(ax, (6.0, 4.0))
+    keys = sorted({(r["layer"], r["variant"]) for r in result.table if layers is None or r["layer"] in layers})
+    for layer, variant in keys:
+        pts = sorted((r["multiplier"], r.get(metric)) for r in result.table
+                     if r["layer"] == layer and r["variant"] == variant and r.get(metric) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"layer {layer}" + ("" if variant == "additive" else f" {variant}"))
+    base = result.baseline.get(metric)
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle="--", label="unsteered")
+    ax.set_xlabel("multiplier (strength)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs strength")
+    ax.legend(fontsize=8)
     return _finish(fig, save_path)

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from . import arch
-from .data import _encode
+from .data import encode
 from .engine import log1mexp
 
 
 def _tokens(model: nn.Module, tokenizer: Any, text: str, *, special: bool) -> list[int]:
     if tokenizer is not None:
-        return _encode(tokenizer, text, special=special)
+        return encode(tokenizer, text, special=special)
     if hasattr(model, "to_tokens"):  # TransformerLens HookedTransformer
         return model.to_tokens(text, prepend_bos=special)[0].tolist()
     raise ValueError("`tokenizer` is required for HuggingFace models (pass tokenizer=...)")
@@ -138,8 +138,8 @@ def sample_most_likely_completions_hf(
         _check_text("src_prompt", src_prompt)
     _check_coldness(coldness)
     dev = arch.input_device(model)
-    dst = _encode(tokenizer, dst_prompt, special=True)
-    src = _encode(tokenizer, src_prompt, special=True) if src_prompt is not None else None
+    dst = encode(tokenizer, dst_prompt, special=True)
+    src = encode(tokenizer, src_prompt, special=True) if src_prompt is not None else None
     for name, ids in (("dst_prompt", dst), ("src_prompt", src)):
         if ids is not None:
             if not ids:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -57,23 +57,32 @@ class _JobMethods:
         return out
 
 
-#: One independent optimisation for :func:`optimize_many`: what one ``optimize`` call would do.
-#: ``Job(datapoints, layer, lr=..., max_iters=..., vector_clamp=..., parameterization=..., name=...)``: every
-#: :class:`~steering_opt.options.OptimizeOptions` field except the output-constrained phase and the
-#: execution settings (``engine``, ``max_batch_tokens``, ``progress``: arguments of optimize_many), with
-#: the same default and meaning, checked when :func:`optimize_many` runs (errors name ``jobs[i]``).
-#: ``name`` is copied to ``info['job']``.
-Job = dataclasses.make_dataclass(
-    "Job",
-    [("datapoints", "Sequence[TrainingDatapoint]"), ("layer", "int | Sequence[int]")]
-    + [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-       for f in dataclasses.fields(OptimizeOptions) if f.name in JOB_OPTIONS]
-    + [("name", "str | None", dataclasses.field(default=None))],
-    bases=(_JobMethods,))
-Job.__module__ = __name__
-Job.__doc__ = """One independent optimisation for :func:`optimize_many` (see the module docstring): the
-datapoints, the layer(s) and every :class:`~steering_opt.options.OptimizeOptions` field except the
-output-constrained phase and the execution settings; ``name`` is copied to ``info['job']``."""
+if TYPE_CHECKING:
+    class Job(_JobMethods):
+        """See below: a dataclass whose fields are generated from :class:`OptimizeOptions`."""
+
+        def __init__(self, datapoints: Sequence[TrainingDatapoint], layer: int | Sequence[int],
+                     **options: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    #: One independent optimisation for :func:`optimize_many`: what one ``optimize`` call would do.
+    #: ``Job(datapoints, layer, lr=..., max_iters=..., vector_clamp=..., parameterization=..., name=...)``: every
+    #: :class:`~steering_opt.options.OptimizeOptions` field except the output-constrained phase and the
+    #: execution settings (``engine``, ``max_batch_tokens``, ``progress``: arguments of optimize_many), with
+    #: the same default and meaning, checked when :func:`optimize_many` runs (errors name ``jobs[i]``).
+    #: ``name`` is copied to ``info['job']``.
+    Job = dataclasses.make_dataclass(
+        "Job",
+        [("datapoints", "Sequence[TrainingDatapoint]"), ("layer", "int | Sequence[int]")]
+        + [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+           for f in dataclasses.fields(OptimizeOptions) if f.name in JOB_OPTIONS]
+        + [("name", "str | None", dataclasses.field(default=None))],
+        bases=(_JobMethods,))
+    Job.__module__ = __name__
+    Job.__doc__ = """One independent optimisation for :func:`optimize_many` (see the module docstring): the
+    datapoints, the layer(s) and every :class:`~steering_opt.options.OptimizeOptions` field except the
+    output-constrained phase and the execution settings; ``name`` is copied to ``info['job']``."""
 
 
 def _checked(model: nn.Module, i: int, job: Any, d: int) -> tuple[OptimizeOptions, list[int], list[TrainingDatapoint]]:

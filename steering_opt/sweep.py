@@ -33,7 +33,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,11 +40,12 @@ from torch import nn
 
 from . import arch
 from .contrastive import contrastive_vector
-from .data import TrainingDatapoint, _encode
-from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, Prompt, check_prompts, format_prompt
+from .data import TrainingDatapoint, encode
+from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, check_prompts
 from .hooks import capture_inputs, frozen_model
 from .optimize import optimize
-from .plots import _figure_and_ax, _finish
+from .passes import Prompt, format_prompt
+from .plots import plot_success_vs_strength, plot_sweep_heatmap
 from .scorers import get_scorer
 from .vector import SteeringVector
 
@@ -56,8 +56,6 @@ __all__ = [
     "GENERIC_PROMPTS",
     "SweepResult",
     "auto_steer",
-    "plot_success_vs_strength",
-    "plot_sweep_heatmap",
     "residual_norms",
     "split_train_validation",
     "sweep",
@@ -161,7 +159,7 @@ def residual_norms(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], 
     acc: dict[int, list[torch.Tensor]] = {x: [] for x in layer_list}
     with frozen_model(model):
         for p in prompts:
-            ids = torch.tensor([_encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True)], device=dev)
+            ids = torch.tensor([encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True)], device=dev)
             for x, h in zip(layer_list, capture_inputs(model, blocks, {"input_ids": ids, "use_cache": False})):
                 if h.shape[1] > 1:  # position 0 excluded
                     acc[x].append(h[0, 1:].float().norm(dim=-1).cpu())
@@ -261,11 +259,11 @@ class SweepResult:
         return "\n".join(lines)
 
     def plot_heatmap(self, metric: str | None = None, **kwargs: Any) -> Any:
-        """See :func:`plot_sweep_heatmap`."""
+        """See :func:`steering_opt.plots.plot_sweep_heatmap`."""
         return plot_sweep_heatmap(self, metric, **kwargs)
 
     def plot_strength(self, metric: str | None = None, **kwargs: Any) -> Any:
-        """See :func:`plot_success_vs_strength`."""
+        """See :func:`steering_opt.plots.plot_success_vs_strength`."""
         return plot_success_vs_strength(self, metric, **kwargs)
 
     def __repr__(self) -> str:
@@ -632,90 +630,4 @@ def auto_steer(
     steering = report.best_steering()
     steering.metadata["method"] = "auto_steer"
     return steering, report
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-
-def _default_metric(result: SweepResult) -> str:
-    for m in ("fluent_success_rate", "success_rate", "criterion"):
-        if any(r.get(m) is not None for r in result.table):
-            return m
-    return "criterion"
-
-
-def plot_sweep_heatmap(result: SweepResult, metric: str | None = None, *, variant: str | None = None,
-                       ax: Any = None, save_path: str | Path | None = None, title: str | None = None) -> Any:
-    """Heatmap of ``metric`` (default: fluent success rate if measured, else the criterion) over
-    layer (rows) × multiplier (columns) for one variant (default: the best row's); the best cell is
-    outlined in red. Draws on ``ax`` or a new pyplot-free Figure (as :mod:`steering_opt.plots`);
-    returns the Figure; ``save_path`` also writes it (PNG, or the format of the suffix)."""
-    if not isinstance(result, SweepResult):
-        raise TypeError(f"`result` must be a SweepResult, got {type(result).__name__}")
-    if not result.table:
-        raise ValueError("the sweep has no rows to plot")
-    metric = metric or _default_metric(result)
-    if not any(metric in r for r in result.table):
-        raise ValueError(f"unknown metric {metric!r}; available: {sorted(result.table[0])}")
-    variant = variant or (result.best["variant"] if result.best else result.table[0]["variant"])
-    rows = [r for r in result.table if r["variant"] == variant]
-    if not rows:
-        raise ValueError(f"no rows for variant {variant!r}; variants: {sorted({r['variant'] for r in result.table})}")
-    fig, ax = _figure_and_ax(ax, (1.6 + 0.9 * len({r["multiplier"] for r in rows}),
-                                  1.2 + 0.5 * len({r["layer"] for r in rows})))
-    layers = sorted({r["layer"] for r in rows})
-    mults = sorted({r["multiplier"] for r in rows})
-    grid = [[math.nan] * len(mults) for _ in layers]
-    for r in rows:
-        v = r.get(metric)
-        grid[layers.index(r["layer"])][mults.index(r["multiplier"])] = math.nan if v is None else float(v)
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
-    ax.set_xticks(range(len(mults)), [f"{m:g}" for m in mults])
-    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
-    ax.set_xlabel("multiplier (strength)")
-    ax.set_ylabel("layer")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            if not math.isnan(v):
-                ax.text(j, i, f"{v:.2g}", ha="center", va="center", color="w" if v < (im.norm.vmax + im.norm.vmin) / 2
-                        else "k", fontsize=8)
-    b = result.best
-    if b is not None and b["variant"] == variant:
-        from matplotlib.patches import Rectangle
-
-        ax.add_patch(Rectangle((mults.index(b["multiplier"]) - 0.5, layers.index(b["layer"]) - 0.5), 1, 1,
-                               fill=False, edgecolor="red", linewidth=2))
-    fig.colorbar(im, ax=ax, label=metric)
-    ax.set_title(title or f"{metric} ({variant})")
-    return _finish(fig, save_path)
-
-
-def plot_success_vs_strength(result: SweepResult, metric: str | None = None, *, layers: Sequence[int] | None = None,
-                             ax: Any = None, save_path: str | Path | None = None, title: str | None = None) -> Any:
-    """``metric`` (default: fluent success rate if measured, else the criterion) against the multiplier,
-    one line per (layer, variant); the unsteered rate as a dashed line when known. Returns the Figure
-    (pyplot-free, or ``ax``'s); ``save_path`` also writes it."""
-    if not isinstance(result, SweepResult):
-        raise TypeError(f"`result` must be a SweepResult, got {type(result).__name__}")
-    if not result.table:
-        raise ValueError("the sweep has no rows to plot")
-    metric = metric or _default_metric(result)
-    if not any(metric in r for r in result.table):
-        raise ValueError(f"unknown metric {metric!r}; available: {sorted(result.table[0])}")
-    fig, ax = _figure_and_ax(ax, (6.0, 4.0))
-    keys = sorted({(r["layer"], r["variant"]) for r in result.table if layers is None or r["layer"] in layers})
-    for layer, variant in keys:
-        pts = sorted((r["multiplier"], r.get(metric)) for r in result.table
-                     if r["layer"] == layer and r["variant"] == variant and r.get(metric) is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"layer {layer}" + ("" if variant == "additive" else f" {variant}"))
-    base = result.baseline.get(metric)
-    if base is not None:
-        ax.axhline(base, color="grey", linestyle="--", label="unsteered")
-    ax.set_xlabel("multiplier (strength)")
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} vs strength")
-    ax.legend(fontsize=8)
-    return _finish(fig, save_path)
 __import__("steering_opt.util").util.make_module_callable(__name__)  # calling the module calls sweep()

@@ -61,8 +61,8 @@ def integer(name: str, value: Any, minimum: int, *, maximum: int | None = None, 
     """An int in ``[minimum, maximum]`` (bools refused), or None if ``allow_none``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum or \
-            (maximum is not None and value > maximum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum or \
+            (maximum is not None and int(value) > maximum):
         rng = f"in [{minimum}, {maximum}]{what}" if maximum is not None else f">= {minimum}"
         raise ValueError(f"`{name}` must be an int {rng}{' or None' if allow_none else ''}, got {value!r}")
     return int(value)

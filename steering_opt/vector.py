@@ -95,7 +95,8 @@ class SteeringVector:
             raise ValueError("SteeringVector: clamp and affine steering cannot be combined")
         if self.custom is not None:
             if self.clamp is not None or self.affine is not None or set(self.custom) != set(self.layer_activations):
-                raise ValueError("SteeringVector: `custom` steering replaces clamp/affine and needs one entry per layer")
+                raise ValueError("SteeringVector: `custom` steering replaces clamp/affine and needs one entry "
+                                 "per layer")
             if len({type(p) for p in self.custom.values()}) != 1:
                 raise ValueError("SteeringVector: every layer's `custom` steering must be of one class")
 

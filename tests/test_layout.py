@@ -211,11 +211,21 @@ def test_no_import_cycles() -> None:
                           "function that needs it):\n" + "\n".join(messages))
 
 
+#: Deferred (in-function) imports that knowingly point up the layers, each with its reason. Keep this short.
+ALLOWED_DEFERRED = {
+    ("steering_opt.vector", "steering_opt.persist"):
+        "SteeringVector.save_pretrained / from_pretrained: one-line conveniences over the persistence layer",
+}
+
+
 def test_no_cycles_through_deferred_imports() -> None:
     """Stricter than the above: an import inside a function that closes a loop (``optimize`` imports ``scale``
     in a function, ``scale`` imports ``optimize`` at the top) hides a two-way dependency; data should flow one
-    way. Only ``if TYPE_CHECKING:`` imports are exempt here."""
+    way. Only ``if TYPE_CHECKING:`` imports and the documented :data:`ALLOWED_DEFERRED` edges are exempt."""
     deferred = _import_graph(in_functions=True)
+    for a, b in ALLOWED_DEFERRED:
+        assert b in deferred[a], f"{a} no longer imports {b}: drop it from ALLOWED_DEFERRED"
+        del deferred[a][b]
     messages = _describe_cycles(deferred)
     assert not messages, ("two-way dependencies between modules, some hidden by imports inside functions (give "
                           "the shared code one home below both):\n" + "\n".join(messages))

@@ -287,7 +287,8 @@ def test_tangent_noise_is_orthogonal_to_the_unsteered_gradient(model, tokenizer,
     eng = engine_cls(model, seqs, [LAYER], Objective())
     def state(tangent):
         st = JobState({LAYER: Additive(torch.ones(D, requires_grad=True))}, seqs, len(dps),
-                      OptimizeOptions(noise_scale=0.5, do_tangent_space_noise=tangent), torch.Generator().manual_seed(0))
+                      OptimizeOptions(noise_scale=0.5, do_tangent_space_noise=tangent),
+                      torch.Generator().manual_seed(0))
         tangent_gradients(eng, [st], [LAYER], D, torch.device("cpu"))
         return st
 

@@ -616,13 +616,18 @@ class _NaNAt:
 
 
 def _spec_tensors(spec_fn: Any, engine: FastEngine) -> list[torch.Tensor]:
-    params = getattr(spec_fn, "__closure__", None) or ()
-    out = []
-    for cell in params:
+    """The trainable tensors behind a loop's spec_fn: its ``{layer: [Steering, ...]}`` closure cell."""
+    from steering_opt.parameterization import Steering
+
+    out: dict[int, torch.Tensor] = {}
+    for cell in getattr(spec_fn, "__closure__", None) or ():
         obj = cell.cell_contents
-        if hasattr(obj, "tensors") and callable(obj.tensors):
-            out += obj.tensors()
-    return out
+        if isinstance(obj, dict):
+            for ps in obj.values():
+                for p in ps if isinstance(ps, list) else ():
+                    if isinstance(p, Steering):
+                        out.update({id(t): t for t in p.parameters()})
+    return list(out.values())
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])

@@ -17,7 +17,6 @@ import torch
 from conftest import make_tiny_model
 
 import steering_opt as so
-from steering_opt import scale
 from steering_opt.data import SRC, tokenize_datapoints
 from steering_opt.engine import FastEngine, Objective, ReferenceEngine, SteerSpec
 from steering_opt.loop import JobState

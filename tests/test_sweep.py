@@ -11,14 +11,13 @@ import torch
 
 from steering_opt import SteeringVector, TrainingDatapoint
 from steering_opt.evaluate import Evaluator
+from steering_opt.plots import plot_success_vs_strength, plot_sweep_heatmap
 from steering_opt.sweep import (
     GENERIC_CHAT_PROMPTS,
     GENERIC_PROMPTS,
     SweepResult,
     auto_steer,
     looks_like_chat,
-    plot_success_vs_strength,
-    plot_sweep_heatmap,
     residual_norms,
     split_train_validation,
     sweep,

@@ -130,6 +130,8 @@ def _check_hook_args(vector: Any, matrix: Any, clamp: Any) -> None:
             raise ValueError(f"`matrix` must have shape ({d}, {d}) (or be a (left, right) pair of (r, {d}) factors), "
                              f"got {tuple(matrix.shape)}")
     if clamp is not None:
+        if matrix is not None:
+            raise ValueError("`clamp` and `matrix` cannot be combined (clamp steering is the matrix make_abl_mat(v))")
         if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not math.isfinite(clamp):
             raise ValueError(f"`clamp` must be a finite number or None, got {clamp!r}")
         if not bool(vector.detach().abs().sum() > 0):

@@ -1,0 +1,183 @@
+"""Batched model passes on token ids: the measuring primitives under :mod:`steering_opt.evaluate`.
+
+Prompts are formatted (plain text, or a chat template with the generation prompt) and encoded with the tokenizer's
+special tokens, completions without, exactly as in training. Every pass runs whatever hooks are active on the model,
+so it measures the steered model when called under steering; none of them changes the model's state.
+
+* :func:`generate_ids`: batched, left-padded, KV-cached generation (greedy or seeded sampling);
+* :func:`token_logprobs`: ``log p(y_t | x, y_<t)`` of every completion token (nats);
+* :func:`next_token_logprobs` and :func:`mean_kl`: next-token distributions and ``KL(p_u ‖ p_s)`` between two sets
+  of them (nats).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import arch
+from .data import encode
+from .hooks import pad_sequences, pad_token_id
+
+__all__ = [
+    "Prompt",
+    "encode_prompts",
+    "eos_token_ids",
+    "format_prompt",
+    "generate_ids",
+    "length_batches",
+    "mean_kl",
+    "next_token_logprobs",
+    "token_logprobs",
+]
+
+#: A prompt: plain text, or a chat conversation (a list of ``{"role", "content"}`` dicts).
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+def format_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> str:
+    """The text the model sees for ``prompt``: a plain string as is (or, with ``chat=True``, as one
+    user turn), a conversation through the tokenizer's chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        if not chat:
+            return prompt
+        messages: list[Mapping[str, str]] = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        messages = list(prompt)
+        for i, m in enumerate(messages):
+            if "role" not in m or "content" not in m:
+                raise ValueError(f"chat message {i} must have 'role' and 'content' keys, got {sorted(m)}")
+    else:
+        raise TypeError(f"a prompt must be a str or a list of chat messages ({{'role', 'content'}} dicts), "
+                        f"got {type(prompt).__name__}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat prompts need a tokenizer with a chat template (tokenizer.chat_template is None); "
+                         "pass plain strings with chat=False")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool) -> list[list[int]]:
+    """The token ids of each prompt, formatted by :func:`format_prompt` and encoded with special tokens; a prompt
+    that encodes to no token is an error."""
+    ids = [encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True) for p in prompts]
+    for i, x in enumerate(ids):
+        if not x:
+            raise ValueError(f"prompt {i} tokenises to zero tokens")
+    return ids
+
+
+def eos_token_ids(tokenizer: Any, model: nn.Module) -> list[int]:
+    """Every end-of-sequence id the model's generation config, its config or the tokenizer names (sorted)."""
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        val = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(val, int):
+            ids.add(val)
+        elif isinstance(val, (list, tuple)):
+            ids.update(int(x) for x in val)
+    return sorted(ids)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted by length, longest first)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and (len(cur) >= batch_size or (max_batch_tokens and (len(cur) + 1) * longest > max_batch_tokens)):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
+                  do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int,
+                  batch_size: int) -> list[list[int]]:
+    """Generated token ids after each prompt (KV cache, left padding, cut before the first EOS)."""
+    from transformers import GenerationConfig
+
+    arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
+    pad = pad_token_id(tokenizer, model)
+    eos = eos_token_ids(tokenizer, model)
+    dev = arch.input_device(model)
+    cfg_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                                      eos_token_id=eos or None, use_cache=True)
+    if do_sample:
+        cfg_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    gen_cfg = GenerationConfig(**cfg_kwargs)
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    for b, idx in enumerate(length_batches([len(p) for p in prompt_ids], batch_size)):
+        ids, mask = pad_sequences([prompt_ids[i] for i in idx], pad, side="left")
+        longest = ids.shape[1]
+        with contextlib.ExitStack() as stack:
+            if do_sample:
+                stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
+                torch.manual_seed(seed + b)
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
+        for r, i in enumerate(idx):
+            toks = gen[r, longest:].tolist()
+            for j, t in enumerate(toks):
+                if t in eos:
+                    toks = toks[:j]
+                    break
+            out[i] = toks
+    return out
+
+
+@torch.no_grad()
+def token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], *,
+                    batch_size: int, max_batch_tokens: int = 2048) -> list[torch.Tensor]:
+    """``log p(y_t | x, y_<t)`` (float32, nats) of every completion token, one tensor per
+    (prompt ids, completion ids) pair; right padding; logits only at the completion positions."""
+    arch.check_context_length(model, max((len(p) + len(c) for p, c in pairs), default=0),
+                              "a prompt + completion")
+    pad = pad_token_id(tokenizer, model)
+    dev = arch.input_device(model)
+    out: list[torch.Tensor] = [torch.zeros(0) for _ in pairs]
+    lengths = [len(p) + len(c) for p, c in pairs]
+    for idx in length_batches(lengths, batch_size, max_batch_tokens):
+        ids, mask = pad_sequences([pairs[i][0] + pairs[i][1] for i in idx], pad)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        for r, i in enumerate(idx):
+            p_len, c_len = len(pairs[i][0]), len(pairs[i][1])
+            if c_len == 0:
+                continue
+            lg = logits[r, p_len - 1: p_len - 1 + c_len].float()
+            tgt = torch.tensor(pairs[i][1], device=lg.device)
+            out[i] = torch.log_softmax(lg, -1).gather(-1, tgt[:, None])[:, 0].cpu()
+    return out
+
+
+@torch.no_grad()
+def next_token_logprobs(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, positions: str,
+                         batch_size: int) -> list[torch.Tensor]:
+    """Log-softmax next-token distributions ``(n_positions, vocab)`` (float32) of each prompt, at every
+    position (``positions="all"``) or the last one (``"last"``)."""
+    arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
+    pad = pad_token_id(tokenizer, model)
+    dev = arch.input_device(model)
+    out: list[torch.Tensor] = [torch.zeros(0) for _ in prompt_ids]
+    lengths = [len(p) for p in prompt_ids]
+    for idx in length_batches(lengths, batch_size, 2048):
+        ids, mask = pad_sequences([prompt_ids[i] for i in idx], pad)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        for r, i in enumerate(idx):
+            sl = slice(0, lengths[i]) if positions == "all" else slice(lengths[i] - 1, lengths[i])
+            out[i] = torch.log_softmax(logits[r, sl].float(), -1).cpu()
+    return out
+
+
+def mean_kl(unsteered: list[torch.Tensor], steered: list[torch.Tensor]) -> float:
+    """Mean over positions of ``KL(p_u ‖ p_s)`` (nats)."""
+    lu, ls = torch.cat(unsteered), torch.cat(steered)
+    per_pos = (lu.exp() * (lu - ls)).sum(-1)
+    return float(per_pos.clamp_min(0).mean())
