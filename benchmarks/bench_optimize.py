@@ -39,7 +39,9 @@ from steering_opt import arch  # noqa: E402
 from steering_opt.data import tokenize_datapoints  # noqa: E402
 from steering_opt.engine import Objective, make_engine  # noqa: E402
 from steering_opt.hooks import frozen_model  # noqa: E402
-from steering_opt.optimize import _Params  # noqa: E402
+from steering_opt.loop import JobState, spec_for  # noqa: E402
+from steering_opt.options import OptimizeOptions  # noqa: E402
+from steering_opt.parameterization import Additive  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -64,23 +66,26 @@ def _saved_bytes(fn: Any, model: Any) -> int:
 
 def time_engine(model: Any, tok: Any, dps: list, layers: list[int], engine: str, *, per_layer: bool,
                 steps: int, warmup: int) -> dict[str, Any]:
-    """Median seconds per optimiser step of ``engine`` on ``dps`` steering ``layers``."""
+    """Median seconds per optimiser step of ``engine`` on ``dps`` steering ``layers``: the engine's loss and
+    gradients through the optimiser's own per-row steering (:func:`steering_opt.loop.spec_for`), then an Adam step
+    (the stopping checks and snapshots of :func:`steering_opt.loop.run_jobs` are left out)."""
     device = next(model.parameters()).device
     seqs = tokenize_datapoints(tok, dps)
     d = arch.hidden_size(model)
     gen = torch.Generator().manual_seed(0)
     if per_layer:
-        vectors = {x: torch.randn(d, generator=gen).to(device).requires_grad_(True) for x in layers}
+        steering = {x: Additive(torch.randn(d, generator=gen).to(device).requires_grad_(True)) for x in layers}
     else:
-        v = torch.randn(d, generator=gen).to(device).requires_grad_(True)
-        vectors = {x: v for x in layers}
-    params = _Params(vectors=vectors)
+        shared = Additive(torch.randn(d, generator=gen).to(device).requires_grad_(True))
+        steering = {x: shared for x in layers}  # one vector for every layer, as optimize() does
+    state = JobState(steering, seqs, len(dps), OptimizeOptions(lr=0.01), gen)
+    seq_job = torch.zeros(len(seqs), dtype=torch.long)  # every sequence belongs to the one job
     eng = make_engine(engine, model, seqs, layers, Objective())
-    opt = torch.optim.Adam(params.tensors(), lr=0.01)
+    opt = torch.optim.Adam(state.tensors, lr=0.01)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        eng.run(params.spec_fn(seqs))
+        eng.run(spec_for([state], layers, seq_job, state.signs, None))  # built each round, as run_jobs does
         opt.step()
 
     times = []

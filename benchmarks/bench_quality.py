@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 import quality_tasks  # noqa: E402
 
 import steering_opt as so  # noqa: E402
-from steering_opt.contrastive import ContrastPair, train_steering_vector  # noqa: E402
+from steering_opt.compat.steering_vectors import train_steering_vector  # noqa: E402
+from steering_opt.contrastive import ContrastPair  # noqa: E402
 from steering_opt.evaluate import Evaluator, format_prompt, perplexity  # noqa: E402
 from steering_opt.sweep import GENERIC_CHAT_PROMPTS, GENERIC_PROMPTS, residual_norms  # noqa: E402
 

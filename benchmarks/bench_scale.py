@@ -146,7 +146,7 @@ def dp_worker(out: str, layer: int, iters: int) -> None:
     model, tok = so.load_model(dtype="float32")
     distributed = False
     if world > 1:
-        from steering_opt.scale import init_distributed
+        from steering_opt.parallel import init_distributed
 
         init_distributed("gloo", timeout=300)
         distributed = True

@@ -113,8 +113,8 @@ _EXPORTS: dict[str, str] = {
     # sweeps
     "SweepResult": "sweep",
     "auto_steer": "sweep",
-    "plot_success_vs_strength": "sweep",
-    "plot_sweep_heatmap": "sweep",
+    "plot_success_vs_strength": "plots",
+    "plot_sweep_heatmap": "plots",
     "sweep": "sweep",
     # steering vectors
     "SteeringVector": "vector",
@@ -236,11 +236,11 @@ if TYPE_CHECKING:
     from .options import OptimizeOptions
     from .parameterization import Additive, Affine, Clamp, Steering
     from .persist import SteeringFileError, check_compatible, export_gguf, export_tensors, import_gguf, load, save
-    from .plots import plot_layer_norms, plot_loss_curve, plot_pca
+    from .plots import plot_layer_norms, plot_loss_curve, plot_pca, plot_success_vs_strength, plot_sweep_heatmap
     from .sampling import get_completion_logprob, get_completion_logprob_hf, sample_most_likely_completions_hf
     from .scale import Job, optimize_many
     from .scorers import KeywordScorer, LanguageScorer, RefusalScorer, SentimentScorer, get_scorer
-    from .sweep import SweepResult, auto_steer, plot_success_vs_strength, plot_sweep_heatmap, sweep
+    from .sweep import SweepResult, auto_steer, sweep
     from .vector import SteeringVector
 else:  # kept from type checkers, which would otherwise accept any attribute of the package
 

@@ -295,7 +295,7 @@ def _pairs(training_samples: Any) -> list[tuple[Text, Text]]:
 def _resolve_layers(model: nn.Module, layers: Any, layer_config: SiteConfig) -> list[int]:
     if layers is None:
         return list(range(arch.num_layers(model)))
-    items = [layers] if isinstance(layers, numbers.Integral) and not isinstance(layers, bool) else layers
+    items: Sequence[Any] = [layers] if isinstance(layers, numbers.Integral) and not isinstance(layers, bool) else layers
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or len(items) == 0:
         raise TypeError(f"`layers` must be None, an int or a non-empty list of ints, got {layers!r}")
     out: list[int] = []
@@ -316,9 +316,10 @@ def _read_index(read_token_index: Any, text: str, n_tokens: int, where: str) -> 
     idx = read_token_index(text) if callable(read_token_index) else read_token_index
     if isinstance(idx, bool) or not isinstance(idx, numbers.Integral):
         raise TypeError(f"`read_token_index` must be an int or a callable text -> int; got {idx!r} for {where}")
-    if not -n_tokens <= idx < n_tokens:
+    index = int(idx)
+    if not -n_tokens <= index < n_tokens:
         raise ValueError(f"`read_token_index`={idx} is out of range for {where} ({n_tokens} tokens)")
-    return int(idx) % n_tokens
+    return index % n_tokens
 
 
 # ------------------------------------------------------------------------------ extraction

@@ -59,6 +59,7 @@ from .passes import (
     encode_prompts,
     format_prompt,
     generate_ids,
+    is_chat,
     mean_kl,
     next_token_logprobs,
     token_logprobs,
@@ -118,7 +119,7 @@ def check_prompts(prompts: Any, name: str = "prompts") -> list[Prompt]:
         if isinstance(p, str):
             if not p:
                 raise ValueError(f"`{name}[{i}]` is an empty string")
-        elif not (isinstance(p, Sequence) and p and all(isinstance(m, Mapping) for m in p)):
+        elif not is_chat(p):
             raise TypeError(f"`{name}[{i}]` must be a str or a list of chat messages, got {type(p).__name__}")
     return out
 
@@ -161,6 +162,13 @@ def _check_steering(model: nn.Module, steering: Any) -> None:
         arch.resolve_layer(model, layer, name="steering layer")
 
 
+def _strength(value: Any) -> float:
+    """A checked steering strength: a finite number, as ``float`` (no callable)."""
+    strength = check_multiplier(value, allow_callable=False)
+    assert isinstance(strength, float)  # check_multiplier returns a float when callables are not allowed
+    return strength
+
+
 def _normalize_steering(steering: Any) -> tuple[list[tuple[SteeringVector, float]], list[tuple[int, Callable]]]:
     """Split ``steering`` into (SteeringVector, strength) pairs and raw (layer, hook) pairs."""
     vectors: list[tuple[SteeringVector, float]] = []
@@ -182,7 +190,7 @@ def _normalize_steering(steering: Any) -> tuple[list[tuple[SteeringVector, float
         if isinstance(item, SteeringVector):
             vectors.append((item, 1.0))
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], SteeringVector):
-            vectors.append((item[0], check_multiplier(item[1], allow_callable=False)))
+            vectors.append((item[0], _strength(item[1])))
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int) and callable(item[1]):
             hooks.append((item[0], item[1]))
         else:
@@ -196,7 +204,7 @@ def steering_context(model: nn.Module, steering: Any, multiplier: float = 1.0) -
     """Apply ``steering`` (any form accepted by :func:`evaluate`) to ``model`` inside the block;
     every hook is removed on exit, also on errors. ``multiplier`` scales every SteeringVector;
     raw hooks cannot be scaled (``multiplier`` must then be 1)."""
-    multiplier = check_multiplier(multiplier, allow_callable=False)
+    multiplier = _strength(multiplier)
     vectors, hooks = _normalize_steering(steering)
     if hooks and multiplier != 1.0:
         raise ValueError("`multiplier` cannot scale raw (layer, hook) steering; pass SteeringVectors instead")
@@ -472,8 +480,9 @@ class Evaluator:
                 raise ValueError(f"`{name}` must be in [0, 1], got {val!r}")
         if kl_positions not in ("all", "last"):
             raise ValueError(f"`kl_positions` must be 'all' or 'last', got {kl_positions!r}")
-        self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                               top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size)
+        self.gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                               batch_size=batch_size)
         self.batch_size = batch_size
         if fluency_lang == "auto":
             fluency_lang = getattr(self.scorer, "lang", None) or "en"
@@ -560,7 +569,7 @@ class Evaluator:
 
     def evaluate(self, steering: Any, multiplier: float = 1.0, *, label: str | None = None) -> EvalResult:
         """Measure ``steering`` (any form, see the module docstring) at strength ``multiplier``."""
-        multiplier = check_multiplier(multiplier, allow_callable=False)
+        multiplier = _strength(multiplier)
         _check_steering(self.model, steering)
         start = time.perf_counter()
         base = self.baseline()
@@ -570,7 +579,7 @@ class Evaluator:
                 neutral = (next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
                                                 positions=self.kl_positions, batch_size=self.batch_size)
                            if self.neutral_ids else None)
-                texts, ids = self._texts() if self.do_generate else (None, None)
+                texts, ids = self._texts() if self.do_generate else (None, [])
             kl = mean_kl(base["neutral"], neutral) if neutral is not None else None
             if texts is not None:
                 quality = self._quality(texts, ids)

@@ -164,7 +164,7 @@ def _finish_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Freeze, eval mode, move, and make sure the tokenizer has a pad token."""
     if device is not None:
-        model.to(torch.device(device))
+        model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types its functools.wraps'd to()
     model.requires_grad_(False)
     model.eval()
     _ensure_pad_token(tokenizer)
@@ -328,11 +328,11 @@ def _load_embedded(dtype: torch.dtype | str | None) -> tuple[PreTrainedModel, Pr
             exc,
             CACHE_ENV_VAR,
         )
-        gguf_model.hf_quantizer = None
+        gguf_model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, not declared
         if hasattr(gguf_model.config, "quantization_config"):
             delattr(gguf_model.config, "quantization_config")
         if dtype not in (None, "auto"):
-            gguf_model.to(dtype)
+            gguf_model.to(dtype)  # type: ignore[arg-type]  # transformers types its functools.wraps'd to()
         return gguf_model, gguf_tokenizer
     del gguf_model
     # Serve the first load from the fresh cache too, so every load returns the same kind of model.

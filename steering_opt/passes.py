@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ __all__ = [
     "eos_token_ids",
     "format_prompt",
     "generate_ids",
+    "is_chat",
     "length_batches",
     "mean_kl",
     "next_token_logprobs",
@@ -39,6 +40,12 @@ __all__ = [
 Prompt = str | Sequence[Mapping[str, str]]
 
 
+def is_chat(prompt: object) -> TypeGuard[Sequence[Mapping[str, str]]]:
+    """Whether ``prompt`` is a chat conversation: a non-empty sequence (not a string) of mappings."""
+    return isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) > 0 and \
+        all(isinstance(m, Mapping) for m in prompt)
+
+
 def format_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> str:
     """The text the model sees for ``prompt``: a plain string as is (or, with ``chat=True``, as one
     user turn), a conversation through the tokenizer's chat template with the generation prompt."""
@@ -46,7 +53,7 @@ def format_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> str:
         if not chat:
             return prompt
         messages: list[Mapping[str, str]] = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+    elif is_chat(prompt):
         messages = list(prompt)
         for i, m in enumerate(messages):
             if "role" not in m or "content" not in m:
@@ -122,7 +129,8 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], 
             if do_sample:
                 stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
                 torch.manual_seed(seed + b)
-            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
+            gen = model.generate(  # type: ignore[operator]  # nn.Module's typing does not know HF's generate()
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
         for r, i in enumerate(idx):
             toks = gen[r, longest:].tolist()
             for j, t in enumerate(toks):

@@ -23,7 +23,7 @@ def _tokens(model: nn.Module, tokenizer: Any, text: str, *, special: bool) -> li
     if tokenizer is not None:
         return encode(tokenizer, text, special=special)
     if hasattr(model, "to_tokens"):  # TransformerLens HookedTransformer
-        return model.to_tokens(text, prepend_bos=special)[0].tolist()
+        return model.to_tokens(text, prepend_bos=special)[0].tolist()  # type: ignore[operator]  # not in nn.Module
     raise ValueError("`tokenizer` is required for HuggingFace models (pass tokenizer=...)")
 
 

@@ -471,7 +471,7 @@ def sweep(
             v, info = result.vector, result.info
             vec = SteeringVector.from_optimization(v, info, layer, clamp=opts.get("vector_clamp"),
                                                    metadata={"variant": name})
-        elif method == "contrastive":
+        elif isinstance(method, str):  # "contrastive" (checked above)
             vec = _cap(_contrastive_vector(model, tokenizer, train_items, layer, dict(contrastive_kwargs or {})),
                        opts)
         else:
@@ -493,7 +493,7 @@ def sweep(
         cost = time.perf_counter() - t0 if cost is None else max(cost, time.perf_counter() - t0)
     best = max(table, key=_rank_key) if table else None
     base = ev.baseline()
-    baseline = {"success_rate": None, "fluent_success_rate": None}
+    baseline: dict[str, float | None] = {"success_rate": None, "fluent_success_rate": None}
     if do_generate and scorer_fn is not None:
         q = base["quality"]
         baseline = {"success_rate": sum(bool(s) for s in q["success"]) / len(q["success"]),

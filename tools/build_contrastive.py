@@ -199,8 +199,9 @@ with so.ActivationInjector(model, opt, strength=1.0, injection_mode="generated")
     print("generated only: ", repr(so.generate_with_steering(model, tok, q, None, max_new_tokens=20)))
 print("no hooks left:", all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()))"""),
     ("md", """Everything here also exists outside a notebook: `steering_opt.train_steering_vector` and friends in
-`steering_opt/contrastive.py`, the injectors and `generate_with_steering` in `steering_opt/injectors.py`, the
-plots in `steering_opt/plots.py` (matplotlib is an optional extra), and vectors save/load with
+`steering_opt/contrastive.py` (under steering-vectors' names in `steering_opt/compat/steering_vectors.py`),
+the injectors and `generate_with_steering` in `steering_opt/compat/rotalabs_steer.py`, the plots in
+`steering_opt/plots.py` (matplotlib is an optional extra), and vectors save/load with
 `SteeringVector.save_pretrained` / `from_pretrained`."""),
 ]
 

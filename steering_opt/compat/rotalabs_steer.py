@@ -85,7 +85,7 @@ def as_steering_vectors(steering: SteeringLike, layer: int | Sequence[int] | Non
             raise ValueError(f"`{name}` as a tensor must be one vector of shape (d,), got {tuple(steering.shape)}")
         if layer is None:
             raise ValueError(f"`{name}` is a raw tensor: pass `layer` (an int or a list of ints) to say where it goes")
-        layers = [layer] if isinstance(layer, numbers.Integral) else list(layer)
+        layers = [layer] if isinstance(layer, (int, numbers.Integral)) else list(layer)
         if not layers or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in layers):
             raise TypeError(f"`layer` must be an int or a non-empty list of ints, got {layer!r}")
         return [SteeringVector({int(x): steering.detach() for x in layers}, layer_type, metadata={"method": "tensor"})]
@@ -375,7 +375,7 @@ def generate_with_steering(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     batched = isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) > 0 and \
         not isinstance(prompt[0], Mapping)
-    prompts = list(prompt) if batched else [prompt]  # type: ignore[list-item]
+    prompts: Sequence[Any] = prompt if batched else [prompt]  # each one checked by tokenize_text
     encoded = [tokenize_text(tokenizer, p, where=f"prompt[{i}]" if batched else "prompt")[0]
                for i, p in enumerate(prompts)]
     for i, e in enumerate(encoded):
@@ -391,6 +391,7 @@ def generate_with_steering(
     if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
         kwargs["max_new_tokens"] = 40
     with frozen_model(model), attach(specs):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        out = model.generate(  # type: ignore[operator]  # nn.Module's typing does not know HF's generate()
+            input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
     texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return texts if batched else texts[0]

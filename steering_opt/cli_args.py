@@ -1,0 +1,251 @@
+"""The command line's argument layer: one-line argparse errors, number types, the optimiser flags generated from
+:class:`~steering_opt.options.OptimizeOptions`, the model and datapoint flags every command shares, and reading the
+inputs they name (datapoints, prompt files, output paths), all checked before a model is loaded.
+
+Like :mod:`steering_opt.cli`, this module imports the library (hence torch) only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = [
+    "FLOAT",
+    "INT",
+    "NONNEG_FLOAT",
+    "NONNEG_INT",
+    "POS_FLOAT",
+    "POS_INT",
+    "Parser",
+    "UserError",
+    "add_datapoint_options",
+    "add_model_options",
+    "add_option_flags",
+    "apply_chat",
+    "chat_prompt",
+    "check_model_options",
+    "check_output",
+    "check_unique",
+    "number_type",
+    "option_flag",
+    "options_from_args",
+    "or_none",
+    "read_datapoints",
+    "read_prompts_file",
+]
+
+#: Generated flags spelt as in earlier releases (the rest: ``option_flag``).
+FLAG_NAMES = {"do_tangent_space_noise": "--tangent-noise"}
+
+
+class UserError(Exception):
+    """An error caused by the command line's input, reported as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (no usage dump) and exit with status 2, and the functions in
+    ``deferred`` (which add arguments that need the library, hence torch) run only when this parser is used."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        while self.deferred:
+            self.deferred.pop(0)(self)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+# ------------------------------------------------------------------------------------ argument types
+
+
+def number_type(cast: Callable[[str], float], low: float | None = None, *,
+                strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite number (``cast`` is int or float), ``>= low`` (``> low`` if ``strict``)."""
+    expected = ("an integer" if cast is int else "a number") + ("" if low is None else
+                                                               f" {'>' if strict else '>='} {low:g}")
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (low is not None and (value < low or (strict and value == low))):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, with ``none`` meaning None."""
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+INT, POS_INT, NONNEG_INT = number_type(int), number_type(int, 0, strict=True), number_type(int, 0)
+FLOAT, POS_FLOAT, NONNEG_FLOAT = number_type(float), number_type(float, 0, strict=True), number_type(float, 0)
+
+
+# ---------------------------------------------------------------------------------- optimiser flags
+
+
+def option_flag(field: str) -> str:
+    """The flag of an OptimizeOptions field: ``max_iters`` -> ``--max-iters``, ``do_one_minus`` -> ``--one-minus``."""
+    return FLAG_NAMES.get(field) or "--" + field.removeprefix("do_").replace("_", "-")
+
+
+def add_option_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = (),
+                     defaults: dict[str, Any] | None = None) -> None:
+    """One flag per command-line field of OptimizeOptions (name, type, default and help from the field; bools as
+    ``--x/--no-x``, optional values also take ``none``); the fields are recorded as ``args.option_fields``."""
+    from .options import OptimizeOptions
+
+    parsers: dict[str, Callable[[str], Any]] = {"int": INT, "float": FLOAT, "str": str}
+    g = p.add_argument_group("optimiser options (steering_opt.OptimizeOptions)")
+    names = []
+    for f in dataclasses.fields(OptimizeOptions):
+        if not f.metadata.get("cli", True) or f.name in exclude:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        kind, optional = str(f.type).removesuffix(" | None"), str(f.type).endswith(" | None")
+        if kind == "bool":
+            action = g.add_argument(option_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                    default=default)
+        else:
+            action = g.add_argument(option_flag(f.name), dest=f.name, default=default, metavar=kind.upper(),
+                                    type=or_none(parsers[kind]) if optional else parsers[kind])
+        action.help = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        names.append(f.name)
+    if "do_target_loss_sum" in names:
+        g.add_argument("--per-completion-target", dest="do_target_loss_sum", action="store_false",
+                       default=argparse.SUPPRESS, help="every completion must reach --target-loss "
+                                                       "(= --no-target-loss-sum)")
+    p.set_defaults(option_fields=tuple(names))
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    """The OptimizeOptions of the generated flags; an invalid value is a user error naming its flag."""
+    from .options import OptimizeOptions
+
+    try:
+        return OptimizeOptions(**{name: getattr(args, name) for name in args.option_fields})
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        for name in args.option_fields:
+            message = message.replace(f"`{name}`", option_flag(name))
+        raise UserError(message) from None
+
+
+# ---------------------------------------------------------------------------- shared flags and inputs
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype (checked by :func:`check_model_options`)."""
+    p.add_argument("--model", default=None,
+                   help="local model folder or HF model id in the local cache "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="float32 (default for the embedded model), bfloat16, float16 or auto")
+
+
+def add_datapoint_options(p: argparse.ArgumentParser) -> None:
+    """--datapoints FILE, or --prompt with --dst/--src; --chat (read by :func:`read_datapoints`)."""
+    g = p.add_argument_group("datapoints (a JSONL file, or one datapoint from flags)")
+    g.add_argument("--datapoints", metavar="FILE", default=None,
+                   help="JSONL file, one datapoint per line (schema: README, section JSONL files)")
+    g.add_argument("--prompt", default=None, help="prompt of a single datapoint")
+    g.add_argument("--dst", nargs="+", metavar="TEXT", default=None, help="completion(s) to promote")
+    g.add_argument("--src", nargs="+", metavar="TEXT", default=None, help="completion(s) to suppress")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the tokenizer's chat template (a user turn + generation prompt)")
+
+
+def check_model_options(args: argparse.Namespace) -> Any:
+    """Fail fast on a bad --dtype/--device, before reading data or loading anything; returns the dtype."""
+    from .models import parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    if args.device is not None:
+        import torch
+
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError as exc:
+            raise ValueError(f"invalid --device {args.device!r}: {str(exc).splitlines()[0]}") from None
+        backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(kind)
+        if backend is not None and not backend.is_available():
+            raise ValueError(f"--device {args.device!r}: {kind.upper()} is not available on this machine")
+    return dtype
+
+
+def check_unique(flag: str, values: Sequence[int] | None) -> None:
+    if values is not None and len(set(values)) != len(values):
+        raise UserError(f"{flag} lists a layer twice: {list(values)}")
+
+
+def check_output(path: str, kind: str) -> Path:
+    """Fail before any expensive work if an output path cannot be used; ``kind``: ``"save"`` (a vector save
+    target: folder or .safetensors), ``"file"`` or ``"folder"``."""
+    p = Path(path)
+    if kind == "save":
+        from .persist import check_save_target
+
+        check_save_target(p)
+    elif kind == "file" and p.is_dir():
+        raise IsADirectoryError(f"{p}: is a folder, expected a file path")
+    elif kind == "folder" and p.exists() and not p.is_dir():
+        raise FileExistsError(f"{p}: exists and is not a folder")
+    return p
+
+
+def chat_prompt(tokenizer: Any, text: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat: this model's tokenizer has no chat template")
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def read_datapoints(args: argparse.Namespace) -> list[Any]:
+    """Datapoints from --datapoints FILE or from --prompt/--dst/--src (validated, before loading a model)."""
+    from .data import TrainingDatapoint
+    from .jsonl import load_datapoints
+
+    if args.datapoints is not None:
+        if args.prompt is not None or args.dst or args.src:
+            raise UserError("give either --datapoints FILE or --prompt/--dst/--src, not both")
+        return load_datapoints(args.datapoints)
+    if args.prompt is None:
+        raise UserError("no datapoints: give --datapoints FILE.jsonl, or --prompt TEXT with --dst/--src completions")
+    if not args.dst and not args.src:
+        raise UserError("--prompt needs at least one completion: --dst TEXT (promote) and/or --src TEXT (suppress)")
+    return [TrainingDatapoint(args.prompt, src_completions=list(args.src or []), dst_completions=list(args.dst or []))]
+
+
+def apply_chat(datapoints: list[Any], tokenizer: Any) -> list[Any]:
+    return [dataclasses.replace(dp, prompt=chat_prompt(tokenizer, dp.prompt)) for dp in datapoints]
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """Prompts from a file: one per line (.txt), or ``{"prompt": ...}`` per line (.jsonl)."""
+    p = Path(path)
+    if p.suffix != ".jsonl":
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+        return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from .jsonl import JSONLError, iter_jsonl
+
+    prompts = []
+    for number, obj in iter_jsonl(p):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+            raise JSONLError('expected {"prompt": "..."}', str(p), number)
+        prompts.append(obj["prompt"])
+    return prompts
