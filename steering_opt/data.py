@@ -130,36 +130,27 @@ def encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
 
 
 def steer_positions(token: Any, prompt_len: int, total_len: int, only_hook_prompt: bool) -> list[bool] | None:
-    """Per-position steering flags for one sequence (``None`` = every position).
-
-    ``token`` indexes the sequence; negative values count back from the end of the prompt.
-    ``only_hook_prompt`` restricts steering to prompt positions.
+    """Per-position steering flags for one sequence (``None`` = every position): the positions
+    :class:`~steering_opt.hooks.TokenSelection` selects for ``token`` (the one token-selection rule; negative
+    values count back from the end of the prompt), restricted to the prompt with ``only_hook_prompt``.
     """
     if token is None and not only_hook_prompt:
         return None
-    flags = [token is None] * total_len
+    from .hooks import TokenSelection  # hooks needs torch; keep `import steering_opt.data` light
+
+    flags = [True] * total_len
     if token is not None:
-        if isinstance(token, slice):
-            if token.step not in (None, 1):
-                raise ValueError(f"TrainingDatapoint.token slice step must be 1, got {token.step}")
-            start = 0 if token.start is None else (max(prompt_len + token.start, 0) if token.start < 0
-                                                   else token.start)
-            stop, step = total_len, 1
-            if token.stop is not None and token.stop < 0:
-                stop = max(prompt_len + token.stop, 0)
-            elif token.stop is None:
-                stop = total_len
-            elif token.stop >= 0:
-                stop = min(token.stop, total_len)
-            for i in range(start, stop, step):
-                flags[i] = True
-        else:
-            for t in [token] if isinstance(token, int) else token:
-                i = prompt_len + t if t < 0 else t
-                if not 0 <= i < total_len:
-                    raise ValueError(f"TrainingDatapoint.token index {t} is outside the sequence "
-                                     f"(prompt has {prompt_len} tokens, sequence {total_len})")
-                flags[i] = True
+        for t in [token] if isinstance(token, int) else token if isinstance(token, (list, tuple)) else []:
+            i = prompt_len + t if t < 0 else t
+            if not 0 <= i < total_len:
+                raise ValueError(f"TrainingDatapoint.token index {t} is outside the sequence "
+                                 f"(prompt has {prompt_len} tokens, sequence {total_len})")
+        import torch
+
+        mask = TokenSelection(token_indices=token, name="TrainingDatapoint.token").mask(
+            torch.arange(total_len)[None], torch.zeros(1, dtype=torch.long), torch.tensor([prompt_len]))
+        assert mask is not None
+        flags = [bool(x) for x in mask[0].tolist()]
     if only_hook_prompt:
         flags = [f and i < prompt_len for i, f in enumerate(flags)]
     return flags

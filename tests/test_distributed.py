@@ -1,4 +1,4 @@
-"""Data-parallel optimisation over torch.distributed (steering_opt.scale, issue "Scale").
+"""Data-parallel optimisation over torch.distributed (steering_opt.parallel).
 
 Two CPU processes on loopback (gloo) run ``optimize_vector_minibatch_hf`` and must return the vector of a
 single-process run over the same data and seed (to 1e-4), with the same steps and stop decision, each
@@ -32,7 +32,7 @@ if str(TESTS) not in sys.path:
 from conftest import make_tiny_model  # noqa: E402
 
 import steering_opt as so  # noqa: E402
-from steering_opt import scale  # noqa: E402
+from steering_opt import parallel  # noqa: E402
 from steering_opt.engine import FastEngine  # noqa: E402
 
 INIT = 0.3
@@ -150,7 +150,7 @@ def worker(out: Path) -> None:
     spec = json.loads((out / "spec.json").read_text())
     rank = int(os.environ["RANK"])
     if spec.get("explicit_init", True):
-        scale.init_distributed("gloo", timeout=PG_TIMEOUT)
+        parallel.init_distributed("gloo", timeout=PG_TIMEOUT)
     # else: optimize_vector_minibatch_hf(distributed=None) initialises it from the launcher's variables
     tok = so.load_tokenizer()
     model = _model(len(tok))
@@ -312,9 +312,9 @@ def test_distributed_argument_is_checked_before_any_work(model, tokenizer, monke
     finally:
         handle.remove()
     assert calls == []
-    assert scale.resolve_distributed(None) is None and scale.resolve_distributed(False) is None
+    assert parallel.resolve_distributed(None) is None and parallel.resolve_distributed(False) is None
     with pytest.raises(ValueError, match="MASTER_ADDR"):
-        scale.init_distributed("gloo")
+        parallel.init_distributed("gloo")
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
