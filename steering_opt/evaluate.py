@@ -50,10 +50,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import arch
-from .compat.llm_steering_opt import hf_hooks_contextmanager
+from . import arch, validate
 from .data import encode
-from .hooks import frozen_model
+from .hooks import attach, frozen_model, layer_hook_specs
 from .passes import (
     Prompt,
     encode_prompts,
@@ -136,11 +135,6 @@ def _check_completions(completions: Any, name: str) -> list[str]:
     return out
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-
-
 # ---------------------------------------------------------------------------------------- steering
 
 
@@ -212,7 +206,7 @@ def steering_context(model: nn.Module, steering: Any, multiplier: float = 1.0) -
         for vec, strength in vectors:
             stack.enter_context(vec.apply(model, multiplier=strength * multiplier))
         if hooks:
-            stack.enter_context(hf_hooks_contextmanager(model, hooks))
+            stack.enter_context(attach(layer_hook_specs(model, hooks, name="steering")))
         yield
 
 
@@ -255,9 +249,9 @@ def generate(
     surrounding whitespace stripped). The model is left exactly as it was.
     """
     prompts = check_prompts(prompts)
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("top_k", top_k, 0)
+    validate.integer("max_new_tokens", max_new_tokens, 1)
+    validate.integer("batch_size", batch_size, 1)
+    validate.integer("top_k", top_k, 0)
     if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
@@ -292,7 +286,7 @@ def completion_logprobs(
     comps = _check_completions(completions, "completions")
     if not comps:
         raise ValueError("`completions` must be a non-empty list of strings")
-    _check_int("batch_size", batch_size, 1)
+    validate.integer("batch_size", batch_size, 1)
     _check_steering(model, steering)
     p_ids = encode_prompts(tokenizer, prompts, chat)
     c_ids = [encode(tokenizer, c, special=False) for c in comps]
@@ -468,9 +462,9 @@ class Evaluator:
         self.neutral = check_prompts(neutral_prompts, "neutral_prompts") if neutral_prompts else []
         self.chat = bool(chat)
         self.do_generate = bool(generate)
-        _check_int("max_new_tokens", max_new_tokens, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("top_k", top_k, 0)
+        validate.integer("max_new_tokens", max_new_tokens, 1)
+        validate.integer("batch_size", batch_size, 1)
+        validate.integer("top_k", top_k, 0)
         if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -150,6 +151,46 @@ def attach(hooks: Iterable[HookSpec]) -> HookHandle:
 
 #: ``fn(activation (b, s, d), position_ids (b, s) or None) -> new activation, or None to leave it``.
 SiteFn = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+def layer_hook_specs(model: nn.Module, hook_infos: Any, *, site: str = "decoder_block",
+                     layer_config: arch.LayerConfig = None, name: str = "hooks") -> list[HookSpec]:
+    """Pre-hook specs for ``[(layer, hook_fn), ...]`` at each layer's ``site`` (nothing registered; pass
+    them to :func:`attach`). Hooks taking ``(module, args, kwargs)`` are used as they are; plain
+    ``hook(module, args)`` hooks (returning the new hidden states, or new args) are adapted. Every layer
+    is located, and the width of a hook's ``steering_vector`` attribute checked, here."""
+    if isinstance(hook_infos, (str, bytes)) or not isinstance(hook_infos, Iterable):
+        raise TypeError(f"`{name}` must be a list of (layer, hook) pairs, got {type(hook_infos).__name__}")
+    pairs = list(hook_infos)
+    d = arch.hidden_size(model)
+    for i, item in enumerate(pairs):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"`{name}[{i}]` must be a (layer, hook) pair, got {item!r:.60}")
+        if not callable(item[1]):
+            raise TypeError(f"`{name}[{i}]`: the hook must be callable, got {type(item[1]).__name__}")
+        vec = getattr(item[1], "steering_vector", None)
+        if isinstance(vec, torch.Tensor) and vec.shape[-1] != d:
+            raise ValueError(f"`{name}[{i}]`: the hook's vector has size {vec.shape[-1]}, but the model's hidden "
+                             f"size is {d}")
+    return [(arch.get_site_module(model, layer, site, layer_config), _as_pre_hook(fn), "pre") for layer, fn in pairs]
+
+
+def _as_pre_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
+    try:
+        n_params = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        n_params = 3
+    if n_params >= 3:
+        return fn
+
+    def adapter(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        out = fn(mod, args)
+        if out is None:
+            return None
+        new_h = out[0] if isinstance(out, tuple) else out
+        return arch.replace_hidden_states(args, kwargs, new_h)
+
+    return adapter
 
 
 def site_kind(layer_type: str) -> str:

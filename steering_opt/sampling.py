@@ -6,7 +6,6 @@ Both run whatever hooks are active on the model (e.g. inside ``SteeringVector.ap
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import arch
+from . import arch, validate
 from .data import encode
 from .engine import log1mexp
 
@@ -25,19 +24,6 @@ def _tokens(model: nn.Module, tokenizer: Any, text: str, *, special: bool) -> li
     if hasattr(model, "to_tokens"):  # TransformerLens HookedTransformer
         return model.to_tokens(text, prepend_bos=special)[0].tolist()  # type: ignore[operator]  # not in nn.Module
     raise ValueError("`tokenizer` is required for HuggingFace models (pass tokenizer=...)")
-
-
-def _check_text(name: str, value: Any) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"`{name}` must be a str, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"`{name}` is an empty string; expected some text")
-
-
-def _check_coldness(coldness: Any) -> None:
-    if isinstance(coldness, bool) or not isinstance(coldness, (int, float)) or not math.isfinite(coldness) \
-            or coldness <= 0:
-        raise ValueError(f"`coldness` must be a positive finite number, got {coldness!r}")
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -71,9 +57,9 @@ def get_completion_logprob(
         coldness = temperature
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    _check_text("prompt", prompt)
-    _check_text("completion", completion)
-    _check_coldness(coldness)
+    validate.text("prompt", prompt)
+    validate.text("completion", completion)
+    validate.positive("coldness", coldness, allow_none=False)
     p_ids = _tokens(model, tokenizer, prompt, special=True)
     c_ids = _tokens(model, tokenizer, completion, special=False)
     if not p_ids:
@@ -133,10 +119,10 @@ def sample_most_likely_completions_hf(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if tokenizer is None or not callable(tokenizer):
         raise TypeError(f"`tokenizer` must be the model's HuggingFace tokenizer, got {type(tokenizer).__name__}")
-    _check_text("dst_prompt", dst_prompt)
+    validate.text("dst_prompt", dst_prompt)
     if src_prompt is not None:
-        _check_text("src_prompt", src_prompt)
-    _check_coldness(coldness)
+        validate.text("src_prompt", src_prompt)
+    validate.positive("coldness", coldness, allow_none=False)
     dev = arch.input_device(model)
     dst = encode(tokenizer, dst_prompt, special=True)
     src = encode(tokenizer, src_prompt, special=True) if src_prompt is not None else None

@@ -75,6 +75,15 @@ def seed(name: str, value: Any) -> int | None:
     return integer(name, value, 0, maximum=2**63 - 1, allow_none=True)
 
 
+def text(name: str, value: Any) -> str:
+    """A non-empty ``str``."""
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a str, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"`{name}` is an empty string; expected some text")
+    return value
+
+
 def choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """One of ``choices``."""
     if not any(value == c and type(value) is type(c) for c in choices):

@@ -231,6 +231,20 @@ def test_no_cycles_through_deferred_imports() -> None:
                           "the shared code one home below both):\n" + "\n".join(messages))
 
 
+#: The surfaces: modules allowed to build on the compatibility adapters (everything else is the core below them).
+SURFACES = {"steering_opt", "steering_opt.steering_opt", "steering_opt.cli", "steering_opt.cli_args",
+            "steering_opt.demo", "steering_opt.__main__"}
+
+
+def test_the_core_does_not_import_the_compatibility_layer() -> None:
+    """Compatibility adapters sit on top of the core: no core module imports ``steering_opt.compat``, even
+    inside a function."""
+    graph = _import_graph(in_functions=True)
+    bad = [f"{MODULES[a].rel}:{line} imports {b}" for a, deps in graph.items() for b, line in deps.items()
+           if b.startswith("steering_opt.compat") and not a.startswith("steering_opt.compat") and a not in SURFACES]
+    assert not bad, "core modules importing the compatibility layer:\n" + "\n".join(bad)
+
+
 def test_modules_are_small() -> None:
     too_long = []
     for module in MODULES.values():

@@ -15,9 +15,8 @@ during KV-cached generation.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 
 from .. import arch, validate
 from ..data import TrainingDatapoint
-from ..hooks import HookSpec, TokenIndices, TokenSelection, attach, current_positions, steer
+from ..hooks import TokenIndices, TokenSelection, attach, current_positions, layer_hook_specs, steer
 from ..optimize import optimize
 from ..options import OptimizeOptions
 
@@ -152,26 +151,6 @@ def make_abl_mat(vector: torch.Tensor) -> torch.Tensor:
     return (-torch.outer(v.float(), v.float()) / n2).to(v.dtype)
 
 
-def _as_pre_hook(fn: HookFn) -> HookFn:
-    """``fn`` as a ``with_kwargs=True`` pre-hook: hooks taking ``(module, args, kwargs)`` as they are; plain
-    reference-style ``hook(module, args)`` (returning the new hidden states, or new args) adapted."""
-    try:
-        n_params = len(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        n_params = 3
-    if n_params >= 3:
-        return fn
-
-    def adapter(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        out = fn(mod, args)
-        if out is None:
-            return None
-        new_h = out[0] if isinstance(out, tuple) else out
-        return arch.replace_hidden_states(args, kwargs, new_h)
-
-    return adapter
-
-
 @contextlib.contextmanager
 def hf_hooks_contextmanager(
     model: nn.Module,
@@ -187,22 +166,7 @@ def hf_hooks_contextmanager(
     style, returning the new hidden states) are also accepted. Every layer is located (and every hook's
     vector width checked) before the first hook is registered.
     """
-    if isinstance(hook_infos, (str, bytes)) or not isinstance(hook_infos, Iterable):
-        raise TypeError(f"`hook_infos` must be a list of (layer, hook) pairs, got {type(hook_infos).__name__}")
-    hook_infos = list(hook_infos)
-    for i, item in enumerate(hook_infos):
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(f"`hook_infos[{i}]` must be a (layer, hook) pair, got {item!r:.60}")
-        if not callable(item[1]):
-            raise TypeError(f"`hook_infos[{i}]`: the hook must be callable, got {type(item[1]).__name__}")
-    specs: list[HookSpec] = [(arch.get_site_module(model, layer, site, layer_config), _as_pre_hook(fn), "pre")
-                             for layer, fn in hook_infos]
-    for i, (_, fn) in enumerate(hook_infos):
-        vec = getattr(fn, "steering_vector", None)
-        if isinstance(vec, torch.Tensor) and vec.shape[-1] != arch.hidden_size(model):
-            raise ValueError(f"`hook_infos[{i}]`: the hook's vector has size {vec.shape[-1]}, but the model's hidden "
-                             f"size is {arch.hidden_size(model)}")
-    with attach(specs):
+    with attach(layer_hook_specs(model, hook_infos, site=site, layer_config=layer_config, name="hook_infos")):
         yield
 
 
