@@ -21,7 +21,7 @@ all: test
 help:
 	@echo "make demo         run the demo (installs everything into $(VENV) first)"
 	@echo "make test         run the tests (PYTEST_ARGS='-k ...' to pass options to pytest)"
-	@echo "make lint         ruff check"
+	@echo "make lint         ruff check, then mypy steering_opt"
 	@echo "make venv         create/update $(VENV) only"
 	@echo "make model-cache  build the embedded model's cache (\$$STEERING_OPT_CACHE, default ~/.cache/steering_opt)"
 
