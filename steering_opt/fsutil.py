@@ -10,8 +10,10 @@ nothing, never something half-written that loads" holds in one place:
 * :func:`remove_stale_temporaries`: deletes what crashed writers of a target left behind.
 
 Temporaries are always siblings of the target (same file system, so the rename is atomic) and start with
-``.{target name}.``. Files are created by :func:`tempfile.mkstemp` (mode ``0o600`` unless ``mode`` is given)
-and folders by :func:`tempfile.mkdtemp` (``0o700``). Nothing here knows about steering vectors or models.
+``.{target name}.``. They are created private (:func:`tempfile.mkstemp` / :func:`tempfile.mkdtemp`: ``0o600`` /
+``0o700``) and given the permissions of an ordinary new file or folder, ``0o666`` / ``0o777`` minus the process
+umask, just before they are renamed into place, as ``open`` and ``mkdir`` would (so colleagues on a shared file
+system can read results under the usual umask ``022``). Nothing here knows about steering vectors or models.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "TEMP_KINDS",
     "atomic_write_dir",
     "atomic_write_file",
+    "current_umask",
     "fsync_file",
     "remove_stale_temporaries",
     "sha256_file",
@@ -37,6 +40,19 @@ __all__ = [
 
 #: Infixes of the temporaries made here (``.{name}.tmp-*``, ``.{name}.old-*``; ``trash`` from older releases).
 TEMP_KINDS = ("tmp-", "old-", "trash-")
+
+
+def current_umask() -> int:
+    """The process umask (e.g. ``0o022``), read without changing it where ``/proc`` allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (briefly) and putting it back
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 22) -> str:
@@ -73,7 +89,8 @@ def atomic_write_file(path: str | os.PathLike[str], write: Callable[[Path], None
     Args:
         path: the file to write.
         write: writes the complete content to the path it is given (the temporary file exists, empty).
-        mode: permission bits for the new file (e.g. ``0o644``); default: the temporary file's ``0o600``.
+        mode: permission bits for the new file (e.g. ``0o644``); default: ``0o666`` minus the umask, like
+            any new file.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -85,8 +102,7 @@ def atomic_write_file(path: str | os.PathLike[str], write: Callable[[Path], None
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        if mode is not None:
-            tmp.chmod(mode)
+        tmp.chmod(mode if mode is not None else 0o666 & ~current_umask())
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -110,7 +126,7 @@ def atomic_write_dir(
 
     Args:
         target: the folder to create or replace (made absolute, so ``"."``-style paths rename correctly).
-        build: fills the (empty, ``0o700``) temporary folder it is given.
+        build: fills the (empty, ``0o700`` until it is renamed in) temporary folder it is given.
         keep_existing: for concurrent writers of the same content (e.g. a cache): if ``target`` exists
             when the new folder is ready (or appears while it is renamed in) and ``keep_existing(target)`` is
             true, the existing folder is kept and the new one discarded. Without it, a ``target`` that
@@ -124,11 +140,21 @@ def atomic_write_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
+        _ordinary_permissions(tmp)
         _install_dir(tmp, target, keep_existing)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions of ordinary new files and folders (``0o666`` /
+    ``0o777`` minus the umask): some writers (``mkdtemp``, safetensors) create them private."""
+    mask = current_umask()
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _install_dir(tmp: Path, target: Path, keep_existing: Callable[[Path], bool] | None) -> None:

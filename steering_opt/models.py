@@ -252,10 +252,8 @@ def _write_cache_files(
         model.generation_config.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
 
-    folder.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be readable like ~/.cache
-    files = {}
+    files = {}  # (permissions: ordinary new files under the umask; the folder gets them when installed)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        path.chmod(0o644)
         rel = path.relative_to(folder).as_posix()
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {
@@ -265,8 +263,7 @@ def _write_cache_files(
         "files": files,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_file(folder / MANIFEST_FILE, lambda tmp: write_text_synced(tmp, json.dumps(manifest, indent=2)),
-                      mode=0o644)
+    atomic_write_file(folder / MANIFEST_FILE, lambda tmp: write_text_synced(tmp, json.dumps(manifest, indent=2)))
 
 
 def build_embedded_cache(
