@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .data import TokenizedCompletion, nest_losses
 from .engine import LossEngine, SteerSpec
 from .options import OptimizeOptions
-from .parameterization import Additive, Affine, Steering
+from .parameterization import Additive, Affine, Clamp, Steering
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class OptimizeResult:
     def info(self) -> dict[str, Any]:
         """The reference library's ``info`` dict: ``iters``, ``loss`` (summed, or nested per completion
         with ``do_target_loss_sum=False``), ``norm`` (``norms`` per layer), ``loss_history``, ``status``,
-        ``completion_losses``, ``loss_units``, plus the phase-specific entries."""
+        ``completion_losses``, ``loss_units``, plus the phase-specific entries, and the provenance:
+        ``parameterization`` (its kind), ``vector_clamp`` for clamp steering, ``options`` (JSON-able)."""
         out: dict[str, Any] = {
             "iters": self.iters,
             "loss": self.loss if self.options.do_target_loss_sum else self.completion_losses,
@@ -122,6 +123,11 @@ class OptimizeResult:
             "status": self.status,
             "loss_units": "nats",
         }
+        first = self.steering[self.layers[0]]
+        out["parameterization"] = first.kind or type(first).__name__
+        if isinstance(first, Clamp):
+            out["vector_clamp"] = first.coefficient
+        out["options"] = self.options.to_dict()
         if not self.per_layer:
             out["norm"] = self.norm
             p = self.steering[self.layers[0]]

@@ -10,6 +10,7 @@ argument's name, its default the keyword's default, and its ``help`` metadata th
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -154,7 +155,9 @@ class OptimizeOptions:
             if isinstance(val, torch.Tensor):
                 val = f"tensor{tuple(val.shape)}"
             elif isinstance(val, type):
-                val = getattr(val, "kind", val.__name__)
+                val = getattr(val, "kind", "") or val.__name__
+            elif isinstance(val, float) and not math.isfinite(val):
+                val = repr(val)  # JSON has no inf/nan
             out[f.name] = val
         return out
 

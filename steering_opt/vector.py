@@ -171,10 +171,13 @@ class SteeringVector:
 
         ``optimize_vector(..., layer)`` → ``from_optimization(vector, info, layer)`` (a list of layers
         shares the vector); with ``affine_rank``, the factors are taken from ``info['affine_factors']``
-        (or pass ``matrix``, factored by SVD); with ``vector_clamp=c`` pass ``clamp=c``.
-        ``optimize_vectors`` → ``from_optimization(vectors_dict, info)``.
+        (or pass ``matrix``, factored by SVD); a clamp run is recognised from ``info['vector_clamp']``
+        (or pass ``clamp=c``). ``optimize_vectors`` → ``from_optimization(vectors_dict, info)``. The
+        options recorded in ``info['options']`` are kept in the metadata.
         """
         info = info or {}
+        if clamp is None and isinstance(info.get("vector_clamp"), (int, float)):
+            clamp = float(info["vector_clamp"])
         if isinstance(vector, dict):
             acts = {int(k): v.detach().float() for k, v in vector.items()}
         else:
@@ -195,6 +198,8 @@ class SteeringVector:
         for key in ("iters", "loss", "norm", "status", "loss_units"):
             if key in info and isinstance(info[key], (int, float, str)):
                 meta[key] = info[key]
+        if isinstance(info.get("options"), dict):
+            meta["options"] = dict(info["options"])
         meta.update(metadata or {})
         return cls(layer_activations=acts, clamp=clamp, affine=affine, metadata=meta)
 
