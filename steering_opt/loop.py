@@ -114,7 +114,8 @@ class OptimizeResult:
         """The reference library's ``info`` dict: ``iters``, ``loss`` (summed, or nested per completion
         with ``do_target_loss_sum=False``), ``norm`` (``norms`` per layer), ``loss_history``, ``status``,
         ``completion_losses``, ``loss_units``, plus the phase-specific entries, and the provenance:
-        ``parameterization`` (its kind), ``vector_clamp`` for clamp steering, ``options`` (JSON-able)."""
+        ``parameterization`` (its kind) and ``vector_clamp`` for clamp steering. (The only dict values are
+        per-layer floats, as the reference tutorial's loops expect; the options are in :attr:`options`.)"""
         out: dict[str, Any] = {
             "iters": self.iters,
             "loss": self.loss if self.options.do_target_loss_sum else self.completion_losses,
@@ -127,7 +128,6 @@ class OptimizeResult:
         out["parameterization"] = first.kind or type(first).__name__
         if isinstance(first, Clamp):
             out["vector_clamp"] = first.coefficient
-        out["options"] = self.options.to_dict()
         if not self.per_layer:
             out["norm"] = self.norm
             p = self.steering[self.layers[0]]

@@ -172,8 +172,8 @@ class SteeringVector:
         ``optimize_vector(..., layer)`` → ``from_optimization(vector, info, layer)`` (a list of layers
         shares the vector); with ``affine_rank``, the factors are taken from ``info['affine_factors']``
         (or pass ``matrix``, factored by SVD); a clamp run is recognised from ``info['vector_clamp']``
-        (or pass ``clamp=c``). ``optimize_vectors`` → ``from_optimization(vectors_dict, info)``. The
-        options recorded in ``info['options']`` are kept in the metadata.
+        (or pass ``clamp=c``). ``optimize_vectors`` → ``from_optimization(vectors_dict, info)``.
+        ``OptimizeResult.to_steering_vector()`` also records every option.
         """
         info = info or {}
         if clamp is None and isinstance(info.get("vector_clamp"), (int, float)):
@@ -198,8 +198,6 @@ class SteeringVector:
         for key in ("iters", "loss", "norm", "status", "loss_units"):
             if key in info and isinstance(info[key], (int, float, str)):
                 meta[key] = info[key]
-        if isinstance(info.get("options"), dict):
-            meta["options"] = dict(info["options"])
         meta.update(metadata or {})
         return cls(layer_activations=acts, clamp=clamp, affine=affine, metadata=meta)
 

@@ -182,14 +182,17 @@ def test_a_new_parameterisation_is_one_class(model, tokenizer, tmp_path):
 
 
 def test_a_clamp_run_saved_and_reloaded_is_still_a_clamp_vector(model, tokenizer, tmp_path):
-    """Provenance: the reference-style (vector, info) of a clamp run wraps into a clamp SteeringVector that
-    records the options, and survives a save/load round trip."""
+    """Provenance: the reference-style (vector, info) of a clamp run wraps into a clamp SteeringVector, and a
+    result's steering vector records every option; both survive a save/load round trip."""
     vec, info = so.optimize_vector(model, [DP], 1, tokenizer=tokenizer, max_iters=1, vector_clamp=1.5, seed=0,
                                    target_loss=float("inf"))
     assert info["parameterization"] == "clamp" and info["vector_clamp"] == 1.5
     sv = so.SteeringVector.from_optimization(vec, info, 1)
-    assert sv.kind == "clamp" and sv.clamp == 1.5 and sv.metadata["options"]["vector_clamp"] == 1.5
+    assert sv.kind == "clamp" and sv.clamp == 1.5
     back = so.SteeringVector.from_pretrained(sv.save_pretrained(tmp_path / "clamp"))
     assert back.kind == "clamp" and back.clamp == 1.5
-    assert back.metadata["options"]["target_loss"] == "inf"
+    rich = so.optimize(model, tokenizer, [DP], 1, max_iters=0, vector_clamp=1.5, seed=0, target_loss=float("inf"))
+    again = so.SteeringVector.from_pretrained(rich.to_steering_vector().save_pretrained(tmp_path / "rich"))
+    assert again.clamp == 1.5 and again.metadata["options"]["target_loss"] == "inf"
+    assert again.metadata["options"]["vector_clamp"] == 1.5
     torch.testing.assert_close(back.layer_activations[1], vec.cpu(), rtol=0, atol=0)
