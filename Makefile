@@ -5,7 +5,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
-# torch is installed FIRST and on its own: on the project's machines `torch==2.13.0` is a local CPU build,
+# torch is installed FIRST and on its own: where a local CPU wheel of `torch==2.13.0` is available, pip takes it,
 # while letting the package's `torch>=...` requirement pick a release would pull a multi-GB CUDA build.
 # Override for another machine, e.g. `make venv TORCH_SPEC="torch==2.13.0 --index-url ..."`.
 TORCH_SPEC  ?= torch==2.13.0

@@ -1,4 +1,4 @@
-"""Plots: contrastive activations in PCA space (seed 000's figure), loss curves, per-layer norms, sweeps.
+"""Plots: contrastive activations in PCA space (the Llama-3 steering blog post's figure), loss curves, per-layer norms, sweeps.
 
 matplotlib is an optional extra (``pip install "steering-opt[plot]"``) imported only when a plot is
 made. Every function draws on ``ax`` if given, else on a new :class:`matplotlib.figure.Figure` that is

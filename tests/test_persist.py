@@ -477,7 +477,7 @@ def test_save_never_replaces_foreign_data(tmp_path: Path, monkeypatch: pytest.Mo
 
 def _legacy_hook_logits(model: torch.nn.Module, ids: torch.Tensor, layer_index: int,
                         vector: torch.Tensor) -> torch.Tensor:
-    """What seed 001's injector does: add the vector to the OUTPUT of block ``layer_index``."""
+    """What rotalabs-steer's injector does: add the vector to the OUTPUT of block ``layer_index``."""
     def hook(module, args, output):
         if isinstance(output, tuple):
             return (output[0] + vector,) + output[1:]

@@ -25,9 +25,9 @@ that don't, read an activation per text, and take the difference. This notebook 
 `steering_opt`, on the model that ships with the package (**SmolLM2-135M-Instruct**, 30 blocks, hidden size 576,
 on a CPU):
 
-* the politeness vector of a blog post (seed 000: mean difference + PCA plot),
-* the `steering-vectors` library API (seed 003: `train_steering_vector`, aggregators, operators, `.apply`),
-* a chat-template dataset with last-token vectors at every layer and a per-layer sweep (seed 004),
+* the politeness vector of a blog post (mean difference + PCA plot),
+* the `steering-vectors` library API (`train_steering_vector`, aggregators, operators, `.apply`),
+* a chat-template dataset with last-token vectors at every layer and a per-layer sweep (as in LLM-Steering-Using-Steering-Vectors),
 
 and then puts the contrastive (CAA) vector side by side with a vector found by gradient descent
 (`optimize_vector`) on the same data. Both are `SteeringVector`s and go through the same `.apply`, injectors,
@@ -42,7 +42,7 @@ import steering_opt as so
 torch.manual_seed(0)
 model, tok = so.load_model()  # embedded SmolLM2-135M-Instruct: float32, frozen, eval mode
 print(model.config.model_type, so.num_layers(model), "layers, hidden size", so.hidden_size(model))"""),
-    ("md", """## 1. The blog recipe (seed 000): a politeness vector and its PCA plot
+    ("md", """## 1. The blog recipe: a politeness vector and its PCA plot
 
 Polite requests vs. direct ones. We read the activation of each text's **last token** at one layer and take
 the mean difference (polite − direct)."""),
@@ -85,7 +85,7 @@ u0 = first.mean(0) / first.mean(0).norm()
 cos = lambda a, b: (a @ b / (a.norm() * b.norm())).item()
 print(f"sequence-mean vector: norm {naive.norm():7.1f}, share of its energy on the first-token direction cos² = {cos(naive, u0)**2:.4f}")
 print(f"last-token vector:    norm {last.norm():7.1f}, share of its energy on the first-token direction cos² = {cos(last, u0)**2:.4f}")"""),
-    ("md", """## 2. The steering-vectors API (seed 003)
+    ("md", """## 2. The steering-vectors API
 
 `train_steering_vector(model, tokenizer, pairs, layers=..., layer_type=..., aggregator=...)` returns a
 `SteeringVector`. Aggregators: `mean_aggregator()` (CAA, default), `pca_aggregator()` (first principal
@@ -100,7 +100,7 @@ for a in vecs:
         b: round(cos(vecs[a].layer_activations[LAYER], vecs[b].layer_activations[LAYER]), 3) for b in vecs if b != a})"""),
     ("md", """`.apply(model, multiplier=..., min_token_index=..., token_indices=..., operator=...)` steers inside a
 `with` block; `.patch(model)` returns a handle with `.remove()`. Operators: `addition_operator()` (default),
-`ablation_operator()`, `ablation_then_addition_operator()`, `projection_operator(scale)` (seed 004's projection
+`ablation_operator()`, `ablation_then_addition_operator()`, `projection_operator(scale)` (LLM-Steering-Using-Steering-Vectors' projection
 steering) or any `(activation, vector) -> delta`."""),
     ("code", """caa_blog = vecs["mean"]
 prompt = [{"role": "user", "content": "Write a short message asking my neighbour to move his car."}]
@@ -111,7 +111,7 @@ handle = caa_blog.patch(model, multiplier=-1.0)
 print("CAA x-1 (patch): ", repr(so.generate_with_steering(model, tok, prompt, None, max_new_tokens=25)))
 handle.remove()
 print("ablate direction:", repr(so.generate_with_steering(model, tok, prompt, caa_blog, operator=so.ablation_operator(), max_new_tokens=25)))"""),
-    ("md", """## 3. Chat-template data, every layer, and a layer sweep (seed 004)
+    ("md", """## 3. Chat-template data, every layer, and a layer sweep
 
 Samples can be chats (lists of `{"role", "content"}`): they are rendered with the tokenizer's chat template and,
 when the last message is the assistant's, the answer is left open so the last token read is the answer's last
