@@ -145,13 +145,10 @@ def _jsonable(value: Any, where: str) -> Any:
         return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    try:  # numpy scalars
-        import numpy as np
+    import numpy as np  # a dependency; imported here to keep `import steering_opt.persist` light
 
-        if isinstance(value, np.generic):
-            return _jsonable(value.item(), where)
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    if isinstance(value, np.generic):  # numpy scalars
+        return _jsonable(value.item(), where)
     raise TypeError(f"metadata value {where} of type {type(value).__name__} is not JSON-serialisable; "
                     "store numbers, strings, lists or dicts in SteeringVector.metadata")
 
