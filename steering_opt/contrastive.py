@@ -203,7 +203,8 @@ def ablation_then_addition_operator() -> Operator:
 
 
 def projection_operator(scale: float = 1.0, normalize: bool = True) -> Operator:
-    """Projection steering (as in LLM-Steering-Using-Steering-Vectors): scale the activation's own component along the vector.
+    """Projection steering (as in LLM-Steering-Using-Steering-Vectors): scale the activation's own component
+    along the vector.
 
     ``delta = scale · (h·u) u`` with ``u = v/‖v‖`` (``normalize=True``; the vector's length and sign then
     do not matter and ``scale`` sets the strength: ``-1`` removes the component like

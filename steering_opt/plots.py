@@ -1,4 +1,4 @@
-"""Plots: contrastive activations in PCA space (the Llama-3 steering blog post's figure), loss curves, per-layer norms, sweeps.
+"""Plots: contrastive activations in PCA space (as in the Llama-3 steering blog post), loss curves, layer norms, sweeps.
 
 matplotlib is an optional extra (``pip install "steering-opt[plot]"``) imported only when a plot is
 made. Every function draws on ``ax`` if given, else on a new :class:`matplotlib.figure.Figure` that is
