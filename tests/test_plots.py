@@ -1,4 +1,4 @@
-"""Plots: the PCA figure of contrastive activations (as in the blog post), loss curves, per-layer norms, for vectors from
+"""Plots: the PCA figure of contrastive activations (as in the blog post), loss curves, layer norms, for vectors from
 both methods; PNG output; matplotlib imported lazily."""
 
 from __future__ import annotations
