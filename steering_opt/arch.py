@@ -18,7 +18,7 @@ Sites are named by *role*, after Llama's module names:
 
 Also here: helpers to read/replace the hidden-state argument inside forward pre-hooks
 (:func:`get_hidden_states`, :func:`replace_hidden_states`) and block outputs in forward hooks, and
-:func:`truncated_blocks`, which lets a caller run only the blocks from a given layer on.
+:func:`truncated_view`, a stand-in for the model that runs only the blocks from a given layer on.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .util import uninterruptible
 
 __all__ = [
     "ARCHITECTURES",
@@ -58,6 +60,7 @@ __all__ = [
     "resolve_layer",
     "site_path",
     "truncated_blocks",
+    "truncated_view",
 ]
 
 SITES: tuple[str, ...] = ("decoder_block", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
@@ -575,70 +578,101 @@ def replace_output_hidden_states(output: Any, new: torch.Tensor) -> Any:
 _TRUNCATED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-@contextlib.contextmanager
-def truncated_blocks(model: nn.Module, start: int) -> Iterator[nn.ModuleList]:
-    """Temporarily make ``model`` run only the blocks ``start, start+1, ...``.
-
-    The block ``ModuleList`` is replaced on its parent by ``nn.ModuleList(blocks[start:])`` (the same
-    module objects, so hooks registered on the original blocks still fire) and the per-layer config
-    entries in :data:`PER_LAYER_CONFIG_ATTRS` (e.g. ``layer_types``) are rotated left by ``start``,
-    so the loop's ``i``-th block still gets its own attention mask type. Everything is restored in
-    ``finally``. The embeddings still run, so the caller feeds the real input (for positions and
-    masks) and replaces block ``start``'s hidden-state input with a forward pre-hook on it, e.g. with
-    a tensor captured from a full forward: the logits are then those of the full model.
-
-    ``config.num_hidden_layers`` is deliberately left unchanged: the supported models loop over
-    ``self.layers[: num_hidden_layers]`` (which also covers a shorter list), and a smaller value would
-    make the KV cache built from the config shorter than the surviving blocks' ``layer_idx`` (an
-    ``IndexError`` with ``use_cache=True``). A cache returned by a truncated forward holds no entries
-    for the skipped layers and must not be reused: pass ``use_cache=False``. ``output_hidden_states``
-    is likewise not meaningful inside the context, nor is :func:`get_blocks`/:func:`resolve_layer`
-    (they see the shorter list): resolve layers and register hooks before entering.
-
-    Raises:
-        NotImplementedError: for architectures not verified exact (``ArchSpec.truncatable``), for
-            model classes not defined in ``transformers.models`` (remote code, wrappers: their
-            forward may index per-layer state differently), and when nested on the same model.
-            Callers should catch it and run the full model instead.
-    """
+def _truncation_plan(model: nn.Module, start: int, what: str) -> tuple[BlockList, int, list[tuple[Any, str, Any]]]:
+    """Checks shared by :func:`truncated_view` / :func:`truncated_blocks`: the block list, ``start`` resolved,
+    and the per-layer config entries ``(config, attr, value rotated left by start)`` to use."""
     spec = _spec(model)
-    if spec is None or not spec.truncatable:
+    if spec is None or not spec.truncatable or not type(model).__module__.startswith("transformers.models."):
         raise NotImplementedError(
-            f"truncated_blocks is not verified for model_type={_model_type(model)!r} "
-            f"(verified: {sorted(k for k, v in ARCHITECTURES.items() if v.truncatable)})"
-        )
-    if not type(model).__module__.startswith("transformers.models."):
-        raise NotImplementedError(
-            f"truncated_blocks only supports transformers' own model classes, not "
-            f"{type(model).__module__}.{type(model).__qualname__}"
-        )
-    if model in _TRUNCATED:
-        raise NotImplementedError("truncated_blocks is already active on this model (nesting unsupported)")
+            f"{what} is only verified for transformers' own model classes of the types "
+            f"{sorted(k for k, v in ARCHITECTURES.items() if v.truncatable)}, not "
+            f"{type(model).__module__}.{type(model).__qualname__} (model_type={_model_type(model)!r})")
     start = resolve_layer(model, start, name="start")
     bl = find_block_list(model)
     n = len(bl.blocks)
-    configs: list[Any] = []
+    rotated: list[tuple[Any, str, Any]] = []
     for cfg in (_config(model), _text_config(model), getattr(bl.parent, "config", None)):
-        if cfg is not None and all(cfg is not c for c in configs):
-            configs.append(cfg)
-    saved: list[tuple[Any, str, Any]] = []
-    for cfg in configs:
+        if cfg is None or any(cfg is c for c, _, _ in rotated):
+            continue
         for attr in PER_LAYER_CONFIG_ATTRS:
             value = getattr(cfg, attr, None)
             if isinstance(value, (list, tuple)) and len(value) == n:
-                saved.append((cfg, attr, value))
+                rotated.append((cfg, attr, type(value)([*value[start:], *value[:start]])))
+    return bl, start, rotated
+
+
+def _shallow_copy(obj: Any) -> Any:
+    """A new object of ``obj``'s class sharing every attribute value (no ``__init__``, no ``__copy__``)."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    return new
+
+
+def truncated_view(model: nn.Module, start: int) -> nn.Module:
+    """A stand-in for ``model`` running only the blocks ``start, start+1, ...``; ``model`` is not modified.
+
+    The modules on the path from ``model`` to the block ``ModuleList`` are shallow copies (sharing every
+    parameter, buffer, sub-module and hook) whose block list is ``blocks[start:]`` (the same block objects,
+    so their hooks fire) and whose config has the per-layer entries of :data:`PER_LAYER_CONFIG_ATTRS` (e.g.
+    ``layer_types``) rotated left by ``start``, so the loop's ``i``-th block gets its own mask type. Other
+    users of the model, in any thread, see nothing. The embeddings still run: feed the real input and
+    replace block ``start``'s hidden-state input with a pre-hook (e.g. a tensor captured from a full
+    forward); the logits are then the full model's. Pass ``use_cache=False``; ``output_hidden_states`` is
+    not meaningful. Build the view when needed (it copies the path's train/eval flags when made).
+
+    Raises:
+        NotImplementedError: architectures not verified exact (``ArchSpec.truncatable``), model classes not
+            defined in ``transformers.models``. Callers catch it and run the full model instead.
+    """
+    bl, start, rotated = _truncation_plan(model, start, "truncated_view")
+    configs: dict[int, Any] = {}
+    for cfg, attr, value in rotated:
+        object.__setattr__(configs.setdefault(id(cfg), _shallow_copy(cfg)), attr, value)
+    names = bl.path.split(".")[:-1]
+    chain = [model]
+    for name in names:
+        chain.append(chain[-1].get_submodule(name))
+    copies = [_shallow_copy(m) for m in chain]
+    for i, c in enumerate(copies):
+        c.__dict__["_modules"] = dict(chain[i]._modules)
+        if i + 1 < len(copies):
+            c.__dict__["_modules"][names[i]] = copies[i + 1]
+        cfg = c.__dict__.get("config")
+        if cfg is not None and id(cfg) in configs:
+            c.__dict__["config"] = configs[id(cfg)]
+    copies[-1].__dict__["_modules"][bl.attr] = nn.ModuleList(list(bl.blocks)[start:])
+    return copies[0]
+
+
+@contextlib.contextmanager
+def truncated_blocks(model: nn.Module, start: int) -> Iterator[nn.ModuleList]:
+    """Temporarily make ``model`` itself run only the blocks ``start, ...`` (as :func:`truncated_view`, by
+    swapping the block list and rotating the config on the model; put back on exit, also on Ctrl-C). Every
+    thread sees the shorter model meanwhile: prefer :func:`truncated_view` (the library uses it).
+
+    Raises:
+        NotImplementedError: as :func:`truncated_view`, and when nested on the same model.
+    """
+    bl, start, rotated = _truncation_plan(model, start, "truncated_blocks")
+    if model in _TRUNCATED:
+        raise NotImplementedError("truncated_blocks is already active on this model (nesting unsupported)")
+    saved = [(cfg, attr, getattr(cfg, attr)) for cfg, attr, _ in rotated]
     _TRUNCATED.add(model)
-    try:
-        for cfg, attr, value in saved:
-            setattr(cfg, attr, type(value)([*value[start:], *value[:start]]))
-        short = nn.ModuleList(list(bl.blocks)[start:])
-        setattr(bl.parent, bl.attr, short)
-        yield short
-    finally:
+
+    def put_back() -> None:  # idempotent
         setattr(bl.parent, bl.attr, bl.blocks)
         for cfg, attr, value in saved:
             setattr(cfg, attr, value)
         _TRUNCATED.discard(model)
+
+    try:
+        for cfg, attr, value in rotated:
+            setattr(cfg, attr, value)
+        short = nn.ModuleList(list(bl.blocks)[start:])
+        setattr(bl.parent, bl.attr, short)
+        yield short
+    finally:
+        uninterruptible(put_back)
 
 
 # --------------------------------------------------------------------------------- devices

@@ -1,23 +1,21 @@
 """The ``steering-opt`` command line, a thin layer over the library.
 
 ``optimize`` (:func:`steering_opt.optimize.optimize`, one flag per :class:`~steering_opt.options.OptimizeOptions`
-field), ``train`` (contrastive vectors), ``generate``, ``sweep`` (:func:`steering_opt.sweep.sweep`), ``export``
-(GGUF, .pt/.npy/.npz), ``info`` and ``demo``. User errors (bad option values, a missing or malformed file, an
-unavailable model, an unknown layer) print one line to stderr and exit with status 2; no traceback. The library is
-imported inside the commands, and flags that need it are added only when their subcommand is parsed, so
-``steering-opt --help`` imports neither torch nor transformers.
+field), ``train`` (contrastive vectors), ``generate``, ``evaluate`` (:func:`steering_opt.evaluate.evaluate`),
+``sweep`` (:func:`steering_opt.sweep.sweep`), ``auto-steer`` (:func:`steering_opt.sweep.auto_steer`), ``export``
+(GGUF, .pt/.npy/.npz), ``info`` and ``demo``; the measuring commands live in :mod:`steering_opt.cli_commands`.
+User errors (bad option values, a missing or malformed file, an unavailable model, an unknown layer) print one
+line to stderr and exit with status 2; no traceback; a mistyped option or subcommand gets a suggestion. The
+library is imported inside the commands, and flags that need it are added only when their subcommand is parsed,
+so ``steering-opt --help`` imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import inspect
-import io
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from .cli_args import (
     add_datapoint_options,
     add_model_options,
     add_option_flags,
+    add_vector_option,
     apply_chat,
     chat_prompt,
     check_model_options,
@@ -42,9 +41,23 @@ from .cli_args import (
     check_unique,
     option_flag,
     options_from_args,
-    or_none,
     read_datapoints,
     read_prompts_file,
+    read_vectors,
+)
+from .cli_commands import (
+    add_auto_steer_parser,
+    add_evaluate_parser,
+    add_sweep_parser,
+    announce_loading,
+    check_vectors,
+    fingerprint,
+    load_model_for,
+    model_label,
+    norms_text,
+    progress_enabled,
+    save_figure,
+    write_text,
 )
 
 __all__ = ["build_parser", "main"]
@@ -57,62 +70,6 @@ EXPORT_FORMATS = ("gguf", "pt", "npy", "npz")
 #: ``optimize --joint`` (one plain vector per layer) refuses the first fields and needs it for the second.
 SINGLE_ONLY = ("vector_clamp", "affine_rank", "noise_scale", "do_output_constr")
 JOINT_ONLY = ("regularization_weight", "sparsity_weight", "entropy_weight")
-#: OptimizeOptions fields that ``sweep`` sets itself (its variants and seed) or cannot use (affine maps and
-#: per-layer regularisers).
-SWEEP_MANAGED = ("seed", "max_norm", "vector_clamp", "affine_rank", "max_affine_norm", "starting_affine_norm",
-                 "regularization_weight", "regularization_type", "sparsity_weight", "entropy_weight")
-
-
-# ------------------------------------------------------------------------------------ shared helpers
-
-
-def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .models import load_model
-
-    return load_model(args.model, device=args.device, dtype=check_model_options(args))
-
-
-def _model_label(args: argparse.Namespace) -> str:
-    from .models import EMBEDDED_MODEL_NAME
-
-    return args.model or EMBEDDED_MODEL_NAME
-
-
-def _fingerprint(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from .arch import model_fingerprint
-
-    return {**model_fingerprint(model), "name_or_path": _model_label(args)}
-
-
-def _progress(args: argparse.Namespace) -> bool:
-    return not args.no_progress and sys.stderr.isatty()
-
-
-def _norms(vector: Any, fmt: str = ".3g") -> str:
-    return ", ".join(f"{k}: {float(v.norm()):{fmt}}" for k, v in sorted(vector.layer_activations.items()))
-
-
-def _save_figure(draw: Callable[[], Any], path: Path, what: str) -> bool:
-    """Write the Figure that ``draw()`` returns as a PNG, atomically; a warning, not an error, without matplotlib."""
-    from .fsutil import atomic_write_file
-
-    try:
-        fig = draw()
-    except ImportError as exc:
-        logger.warning("%s; no %s", exc, what)
-        return False
-    atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    return True
-
-
-def _write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    from .fsutil import atomic_write_file
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-
-    atomic_write_file(path, write)
 
 
 # --------------------------------------------------------------------------------------- optimize
@@ -132,36 +89,65 @@ def _check_optimize_args(args: argparse.Namespace) -> None:
     check_unique("--layer", args.layer)
 
 
+class RecipeSteps:
+    """The default of ``optimize --max-iters``: the documented recipe's step count, or with ``--target-loss``
+    none (run until the target is reached, at most ``DEFAULT_MAX_ITERS`` steps)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __str__(self) -> str:
+        from .options import DEFAULT_MAX_ITERS
+
+        return f"{self.steps}; with --target-loss: until it is reached, at most {DEFAULT_MAX_ITERS}"
+
+    def resolve(self, target_loss: float | None) -> int | None:
+        return self.steps if target_loss is None else None
+
+
+def _budget(options: Any) -> str:
+    """The step budget of an optimisation, in words."""
+    if options.max_iters is not None:
+        steps = f"{options.max_iters} steps"
+    elif options.target_loss is not None:
+        steps = f"until the loss is <= {options.target_loss:g} nats, at most {options.step_cap} steps"
+    else:
+        steps = f"until the loss stops changing, at most {options.step_cap} steps"
+    return f"{steps} of Adam at lr {options.lr:g} (--max-iters / --lr to change)"
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from .optimize import optimize
     from .persist import describe_datapoints, save
     from .plots import plot_loss_curve
 
+    if isinstance(args.max_iters, RecipeSteps):
+        args.max_iters = args.max_iters.resolve(args.target_loss)
     options = options_from_args(args)
     _check_optimize_args(args)
     check_model_options(args)
     datapoints = read_datapoints(args)
     check_output(args.out, "save")
-    model, tokenizer = _load_model(args)
+    model, tokenizer = load_model_for(args)
+    described = describe_datapoints(datapoints)  # as given, before any chat template
     if args.chat:
         datapoints = apply_chat(datapoints, tokenizer)
     layers = list(args.layer)
+    print(f"Optimising on {len(datapoints)} datapoint(s) at layer(s) {layers}: {_budget(options)}", flush=True)
     result = optimize(model, tokenizer, datapoints, layers if args.joint or len(layers) > 1 else layers[0], options,
-                      per_layer=args.joint, progress=_progress(args))
+                      per_layer=args.joint, progress=progress_enabled(args))
     extra = {k: v for k, v in result.extra.items()
              if k in ("output_constr_iters", "constraints_satisfied", "norm_before_output_constr")}
     vector = result.to_steering_vector(metadata=dict(
         method="optimize_vectors" if args.joint else "optimize_vector",
         hyperparameters={name: getattr(options, name) for name in args.option_fields},
-        datapoints=describe_datapoints(datapoints), chat_template=bool(args.chat), final_loss=result.loss,
-        model=_fingerprint(model, args), **extra))
-    for key in ("loss", "options"):  # held by final_loss and hyperparameters, as in earlier releases
-        vector.metadata.pop(key, None)
+        datapoints=described, chat_template=bool(args.chat), final_loss=result.loss,
+        model=fingerprint(model, args), **extra))
     out = save(vector, args.out)
     first = result.loss_history[0] if result.loss_history else result.loss
     article = "an" if vector.kind[0] in "aeiou" else "a"
     print(f"Optimised {article} {vector.kind} vector at layer(s) {layers}: {result.iters} steps, loss "
-          f"{first:.4g} -> {result.loss:.4g} nats ({result.status}), norm(s) {{{_norms(vector)}}}")
+          f"{first:.4g} -> {result.loss:.4g} nats ({result.status}), norm(s) {{{norms_text(vector)}}}")
     if extra:
         print(f"Then {extra['output_constr_iters']} norm-minimisation steps: norm "
               f"{extra['norm_before_output_constr']:.4g} -> {result.norm:.4g}, constraints "
@@ -171,16 +157,17 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         p = Path(args.out)
         plot = Path(args.plot) if args.plot is not None else (
             p.with_name(p.stem + ".loss_curve.png") if p.suffix == ".safetensors" else p / "loss_curve.png")
-        if _save_figure(lambda: plot_loss_curve(result.loss_history, target_loss=options.target_loss), plot,
+        if save_figure(lambda: plot_loss_curve(result.loss_history, target_loss=options.target_loss), plot,
                         "loss-curve PNG"):
             print(f"Loss curve: {plot}")
     return 0
 
 
-def _add_optimize_parser(sub: Any) -> None:
-    p = sub.add_parser("optimize", help="optimise a steering vector on datapoints and save it",
-                       description="Optimise a steering vector by gradient descent and save it (folder or "
-                                   ".safetensors) with a loss-curve PNG. Losses are in nats.")
+def _add_optimize_parser(root: Parser, sub: Any) -> None:
+    p = root.add_command(sub, "optimize", help="optimise a steering vector on datapoints and save it",
+                         description="Optimise a steering vector by gradient descent and save it (folder or "
+                                     ".safetensors) with a loss-curve PNG. Losses are in nats. Default: "
+                                     "the documented recipe, 30 Adam steps at lr 0.1.")
     add_model_options(p)
     add_datapoint_options(p)
     p.add_argument("--layer", type=int, nargs="+", required=True,
@@ -192,8 +179,16 @@ def _add_optimize_parser(sub: Any) -> None:
     p.add_argument("--plot", default=None, help="loss-curve PNG path (default: OUT/loss_curve.png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the loss-curve PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.deferred.append(add_option_flags)
+    p.deferred.append(_add_optimize_option_flags)
     p.set_defaults(func=_cmd_optimize)
+
+
+def _add_optimize_option_flags(p: argparse.ArgumentParser) -> None:
+    """The optimiser's flags, with the documented recipe's lr and step count as defaults."""
+    from .sweep import DEFAULT_OPTIMIZE_KWARGS
+
+    add_option_flags(p, defaults={**DEFAULT_OPTIMIZE_KWARGS, "max_iters": RecipeSteps(
+        DEFAULT_OPTIMIZE_KWARGS["max_iters"])})
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -207,20 +202,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_model_options(args)
     pairs = load_contrast_pairs(args.pairs)
     check_output(args.out, "save")
-    model, tokenizer = _load_model(args)
+    model, tokenizer = load_model_for(args)
     kwargs = {} if args.batch_size is None else {"batch_size": args.batch_size}
     vector = contrastive.contrastive_vector(
         model, tokenizer, pairs, args.layer, aggregator=getattr(contrastive, f"{args.aggregator}_aggregator")(),
-        layer_type=args.site, read_token_index=args.read_token_index, show_progress=_progress(args), **kwargs)
+        layer_type=args.site, read_token_index=args.read_token_index, show_progress=progress_enabled(args), **kwargs)
     vector.metadata.update(
         hyperparameters={"aggregator": args.aggregator, "layers": args.layer, "layer_type": args.site,
                          "read_token_index": args.read_token_index, "batch_size": args.batch_size},
         datapoints=describe_datapoints(pairs),
-        model=_fingerprint(model, args),
+        model=fingerprint(model, args),
     )
     out = save(vector, args.out)
     print(f"Trained a {args.aggregator} vector from {len(pairs)} pairs at {vector.layer_type} layer(s) "
-          f"{vector.layers}: norms {{{_norms(vector)}}}")
+          f"{vector.layers}: norms {{{norms_text(vector)}}}")
     print(f"Saved to {out}")
     return 0
 
@@ -231,10 +226,10 @@ def _add_site_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", choices=SITES, default="decoder_block", help="where to read/steer (decoder_block)")
 
 
-def _add_train_parser(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a contrastive (CAA/PCA/probe) vector from contrast pairs",
-                       description="Train a steering vector from contrast pairs (JSONL: "
-                                   '{"positive": ..., "negative": ...} per line) and save it.')
+def _add_train_parser(root: Parser, sub: Any) -> None:
+    p = root.add_command(sub, "train", help="train a contrastive (CAA/PCA/probe) vector from contrast pairs",
+                         description="Train a steering vector from contrast pairs (JSONL: "
+                                     '{"positive": ..., "negative": ...} per line) and save it.')
     add_model_options(p)
     p.add_argument("--pairs", required=True, metavar="FILE", help="contrast pairs JSONL file")
     p.add_argument("--layer", type=int, nargs="+", default=None, help="layer(s) (default: every layer)")
@@ -248,18 +243,6 @@ def _add_train_parser(sub: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------- generate
-
-
-def _parse_vector_specs(specs: list[list[str]] | None) -> list[tuple[str, float]]:
-    out = []
-    for spec in specs or []:
-        if len(spec) > 2:
-            raise UserError(f"--vector takes PATH [MULTIPLIER], got {len(spec)} values: {spec}")
-        try:
-            out.append((spec[0], FLOAT(spec[1]) if len(spec) == 2 else 1.0))
-        except argparse.ArgumentTypeError:
-            raise UserError(f"--vector {spec[0]}: multiplier must be a number, got {spec[1]!r}") from None
-    return out
 
 
 def _generate(model: Any, tokenizer: Any, text: str, args: argparse.Namespace) -> str:
@@ -283,29 +266,24 @@ def _generate(model: Any, tokenizer: Any, text: str, args: argparse.Namespace) -
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .persist import check_compatible, load
-
     check_model_options(args)
     prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UserError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
-    specs = _parse_vector_specs(args.vector)
-    if not specs and not args.compare:
+    loaded = read_vectors(args.vector)  # read and verify every vector before loading the model
+    if not loaded and not args.compare:
         logger.info("no --vector given: generating unsteered text")
-    loaded = []
-    for path, mult in specs:  # read and verify every vector before loading the model
-        obj = load(path)
-        members = obj.items() if isinstance(obj, dict) else [(None, obj)]
-        for name, vec in members:
-            loaded.append((f"{path}" if name is None else f"{path} [{name}]", vec, mult))
     if args.output is not None:
         check_output(args.output, "file")
-    model, tokenizer = _load_model(args)
-    for where, vec, _ in loaded:
-        check_compatible(vec, model, allow_mismatch=args.allow_model_mismatch, source=where,
-                         model_name=_model_label(args))
+    model, tokenizer = load_model_for(args)
+    check_vectors(loaded, model, args)
+    # what produced each line of --output: the vectors (as given, with their multipliers) and the settings
+    steering = [{"vector": where, "multiplier": mult, "method": vec.metadata.get("method")}
+                for where, vec, mult in loaded]
+    settings = {"model": model_label(args), "chat": bool(args.chat), "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
     results = []
-    for prompt in tqdm(prompts, desc="generate", disable=not _progress(args)):
+    for prompt in tqdm(prompts, desc="generate", disable=not progress_enabled(args)):
         text = chat_prompt(tokenizer, prompt) if args.chat else prompt
         row: dict[str, Any] = {"prompt": prompt}
         if args.compare or not loaded:
@@ -315,7 +293,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 for _, vec, mult in loaded:
                     stack.enter_context(vec.apply(model, multiplier=mult))
                 row["steered"] = _generate(model, tokenizer, text, args)
-        results.append(row)
+        results.append({**row, "steering": steering, "settings": settings})
         print(f"=== prompt: {prompt}")
         if "unsteered" in row:
             print(f"unsteered: {row['unsteered']}")
@@ -323,22 +301,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(f"steered ({', '.join(f'{w} x{m:g}' for w, _, m in loaded)}): {row['steered']}")
     if args.output is not None:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-        _write_text(args.output, lines)
+        write_text(args.output, lines)
         print(f"Wrote {len(results)} results to {args.output}")
     return 0
 
 
-def _add_generate_parser(sub: Any) -> None:
-    p = sub.add_parser("generate", help="generate text under one or more saved steering vectors",
-                       description="Generate from prompt(s) with saved vectors applied (each with a multiplier). "
-                                   "Vectors on the same layer are applied one after the other.")
+def _add_generate_parser(root: Parser, sub: Any) -> None:
+    p = root.add_command(sub, "generate", help="generate text under one or more saved steering vectors",
+                         description="Generate from prompt(s) with saved vectors applied (each with a "
+                                     "multiplier). Vectors on the same layer are applied one after the other. "
+                                     "--output records, for each prompt, the texts, the vectors and multipliers "
+                                     "that produced them and the generation settings.")
     add_model_options(p)
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help='prompts: one per line (.txt) or {"prompt": ...} per line (.jsonl)')
-    p.add_argument("--vector", action="append", nargs="+", metavar=("PATH", "MULTIPLIER"), default=None,
-                   help="saved vector (folder, .safetensors, set folder, .gguf) and an optional multiplier "
-                        "(default 1); repeatable")
+    add_vector_option(p)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--compare", action="store_true", help="also generate without steering")
     p.add_argument("--max-new-tokens", type=POS_INT, default=40, help="tokens to generate (40)")
@@ -346,116 +324,10 @@ def _add_generate_parser(sub: Any) -> None:
     p.add_argument("--top-p", type=POS_FLOAT, default=1.0, help="nucleus sampling (1.0)")
     p.add_argument("--top-k", type=NONNEG_INT, default=0, help="top-k sampling, 0 = off (0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--allow-model-mismatch", action="store_true",
-                   help="apply vectors made for another architecture/layer count (same hidden size)")
-    p.add_argument("--output", default=None, metavar="FILE.jsonl", help="also write the results as JSONL")
+    p.add_argument("--output", default=None, metavar="FILE.jsonl",
+                   help="also write the results as JSONL (with the vectors and settings of each line)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
-
-
-# ------------------------------------------------------------------------------------------ sweep
-
-
-#: sweep flags that are steering_opt.sweep.sweep() keywords (``dest``); their defaults are sweep()'s.
-SWEEP_FLAGS: dict[str, dict[str, Any]] = {
-    "--layers": dict(dest="layers", type=int, nargs="+", help="layers to try (None: chosen from the depth)"),
-    "--strengths": dict(dest="multipliers", type=FLOAT, nargs="+", help="multipliers to try"),
-    "--max-norm": dict(dest="max_norms", type=or_none(POS_FLOAT), nargs="+",
-                       help="norm caps, each one variant (none: no cap)"),
-    "--clamp": dict(dest="clamps", type=FLOAT, nargs="+", help="clamp coefficients, each one more variant"),
-    "--scorer": dict(dest="scorer", help="success scorer spec, e.g. refusal or language:es (generates)"),
-    "--criterion": dict(dest="criterion", choices=("auto", "margin", "fluent_success", "success"),
-                        help="what the recommended row maximises (auto: fluent_success with --scorer, else margin)"),
-    "--kl-weight": dict(dest="kl_weight", type=NONNEG_FLOAT, help="weight of the neutral-prompt KL in 'margin'"),
-    "--max-new-tokens": dict(dest="max_new_tokens", type=POS_INT, help="tokens generated per validation prompt"),
-    "--time-budget": dict(dest="time_budget_s", type=POS_FLOAT, metavar="SECONDS",
-                          help="start no new layer/variant once this much time would be exceeded"),
-    "--seed": dict(dest="seed", type=NONNEG_INT, help="seed of the train/validation split and the optimiser"),
-}
-
-
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .persist import save
-    from .plots import plot_sweep_heatmap
-    from .sweep import sweep
-
-    options = options_from_args(args)
-    check_unique("--layers", args.layers)
-    check_model_options(args)
-    datapoints = read_datapoints(args)
-    validation = read_prompts_file(args.validation_prompts) if args.validation_prompts else None
-    out = check_output(args.out, "folder")
-    model, tokenizer = _load_model(args)
-    if args.chat:
-        datapoints = apply_chat(datapoints, tokenizer)
-    settings = {f["dest"]: getattr(args, f["dest"]) for f in SWEEP_FLAGS.values()}
-    optimize_kwargs = {name: getattr(options, name) for name in args.option_fields}
-    result = sweep(model, tokenizer, datapoints, validation_prompts=validation, optimize_kwargs=optimize_kwargs,
-                   progress=_progress(args), **settings)
-
-    def clean(row: dict[str, Any]) -> dict[str, Any]:  # NaN/inf are not JSON
-        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-
-    rows = [clean(r) for r in result.table]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_text(out / "sweep.csv", buf.getvalue())
-    doc = {"criterion": result.criterion, "best": clean(result.best or {}), "rows": rows, "notes": result.notes,
-           "baseline": result.baseline, "validation_prompts": result.validation_prompts, "chat": result.chat,
-           "time_s": result.time_s, "model": _model_label(args), "settings": {
-               **settings, "optimize": optimize_kwargs, "chat_template": args.chat, "datapoints": len(datapoints)}}
-    _write_text(out / "sweep.json", json.dumps(doc, indent=2))
-    fingerprint = _fingerprint(model, args)
-    saves = {"best": result.best_steering()}
-    if args.save_vectors:
-        saves.update({f"vectors/layer_{layer}" + ("" if variant == "additive" else "_" + variant.replace("=", "")):
-                      vec for (layer, variant), vec in result.vectors.items()})
-    for name, vec in saves.items():
-        vec.metadata["model"] = fingerprint
-        save(vec, out / name)
-    print(result.to_markdown())
-    for note in result.notes:
-        print(f"Note: {note}")
-    b = result.best
-    assert b is not None  # result.best_steering() above raised without one
-    print(f"Best by {result.criterion} (higher is better): layer {b['layer']}, {b['variant']}, strength "
-          f"{b['multiplier']:g} ({result.criterion} = {b['criterion']:.4g})")
-    print(f"Recommended steering, already scaled: {out / 'best'} (steering-opt generate --vector {out / 'best'})")
-    print(f"Wrote {out / 'sweep.csv'} and {out / 'sweep.json'}")
-    if _save_figure(lambda: plot_sweep_heatmap(result), out / "sweep_heatmap.png", "heatmap"):
-        print(f"Heatmap: {out / 'sweep_heatmap.png'}")
-    return 0
-
-
-def _add_sweep_library_flags(p: argparse.ArgumentParser) -> None:
-    """SWEEP_FLAGS with sweep()'s defaults, and the optimiser's flags with the sweep's optimiser defaults."""
-    from .sweep import DEFAULT_OPTIMIZE_KWARGS, sweep
-
-    defaults = {k: v.default for k, v in inspect.signature(sweep).parameters.items()}
-    for flag, kwargs in SWEEP_FLAGS.items():
-        p.add_argument(flag, **{**kwargs, "default": defaults[kwargs["dest"]],
-                                "help": kwargs["help"] + " (default: %(default)s)"})
-    add_option_flags(p, exclude=SWEEP_MANAGED, defaults=DEFAULT_OPTIMIZE_KWARGS)
-
-
-def _add_sweep_parser(sub: Any) -> None:
-    p = sub.add_parser("sweep", help="measure steering over layers x strengths (x norm caps / clamps)",
-                       description="steering_opt.sweep: for each layer (and variant) optimise a vector on the "
-                                   "datapoints, measure it at each strength on validation prompts (held-out "
-                                   "datapoints, --validation-prompts or built-in ones) and rank the rows by "
-                                   "--criterion. Writes sweep.csv, sweep.json, sweep_heatmap.png and the "
-                                   "recommended vector (OUT/best).")
-    add_model_options(p)
-    add_datapoint_options(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--validation-prompts", metavar="FILE", default=None,
-                   help='validation prompts: one per line (.txt) or {"prompt": ...} per line (.jsonl)')
-    p.add_argument("--save-vectors", action="store_true", help="also save every vector under OUT/vectors/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.deferred.append(_add_sweep_library_flags)
-    p.set_defaults(func=_cmd_sweep)
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -483,10 +355,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_export_parser(sub: Any) -> None:
-    p = sub.add_parser("export", help="export a saved vector to GGUF (llama.cpp) or .pt/.npy/.npz",
-                       description="Export a saved additive decoder_block vector. GGUF: llama.cpp control vector "
-                                   "(our layer L becomes direction.{L-1}; layers 0 and 1 cannot be exported).")
+def _add_export_parser(root: Parser, sub: Any) -> None:
+    p = root.add_command(sub, "export", help="export a saved vector to GGUF (llama.cpp) or .pt/.npy/.npz",
+                         description="Export a saved additive decoder_block vector. GGUF: llama.cpp control vector "
+                                     "(our layer L becomes direction.{L-1}; layers 0 and 1 cannot be exported; "
+                                     "the model fingerprint is recorded, so loading it for another model is "
+                                     "refused).")
     p.add_argument("vector", help="saved vector (folder or .safetensors)")
     p.add_argument("--out", required=True, help="output file (.gguf, .pt, .npy or .npz)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default=None, help="default: from the --out suffix")
@@ -522,8 +396,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_info_parser(sub: Any) -> None:
-    p = sub.add_parser("info", help="print a saved vector's metadata (after verifying it)")
+def _add_info_parser(root: Parser, sub: Any) -> None:
+    p = root.add_command(sub, "info", help="print a saved vector's metadata (after verifying it)",
+                         description="Verify a saved vector or set (checksum, shapes, finite values) and print "
+                                     "what it is (kind, site, layers, norms) and how it was made (model, method, "
+                                     "options, datapoints, final loss, the vector it was derived from, library "
+                                     "version).")
     p.add_argument("path", help="saved vector or set (folder, .safetensors, .gguf, legacy .json/.pt)")
     p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
     p.set_defaults(func=_cmd_info)
@@ -536,13 +414,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     dtype = check_model_options(args)  # fail fast, before importing or loading anything
     from .demo import run_demo
 
+    announce_loading(args)
     run_demo(args.model, device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens, layer=args.layer,
              max_iters=args.max_iters)
     return 0
 
 
-def _add_demo_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="run the demo on the embedded model")
+def _add_demo_parser(root: Parser, sub: Any) -> None:
+    p = root.add_command(sub, "demo", help="run the demo on the embedded model",
+                         description="The one-minute demo: optimise a refusal vector from one datapoint on the "
+                                     "embedded SmolLM2-135M-Instruct (or --model) and print steered and unsteered "
+                                     "answers to the training prompt and to prompts never seen in training.")
     add_model_options(p)
     p.add_argument("--max-new-tokens", type=POS_INT, default=40, help="tokens to generate per completion (40)")
     p.add_argument("--layer", type=int, default=6, help="layer to steer (default: 6)")
@@ -553,15 +435,21 @@ def _add_demo_parser(sub: Any) -> None:
 # ------------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The argument parser with all subcommands."""
-    parser = Parser(prog="steering-opt", description="Find and apply steering vectors for HF causal LMs.")
+    from . import __version__
+
+    parser = Parser(prog="steering-opt", description="Find and apply steering vectors for HF causal LMs.",
+                    epilog="Start with: steering-opt demo; then steering-opt auto-steer --prompt TEXT --dst TEXT "
+                           "--out VECTOR and steering-opt generate --vector VECTOR --prompt TEXT. "
+                           "COMMAND --help lists a command's options.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v: info, -vv: debug)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for add in (_add_optimize_parser, _add_train_parser, _add_generate_parser, _add_sweep_parser,
-                _add_export_parser, _add_info_parser, _add_demo_parser):
-        add(sub)
+    for add in (_add_optimize_parser, _add_train_parser, _add_generate_parser, add_evaluate_parser,
+                add_sweep_parser, add_auto_steer_parser, _add_export_parser, _add_info_parser, _add_demo_parser):
+        add(parser, sub)
     return parser
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,17 +29,20 @@ __all__ = [
     "add_datapoint_options",
     "add_model_options",
     "add_option_flags",
+    "add_vector_option",
     "apply_chat",
     "chat_prompt",
     "check_model_options",
     "check_output",
     "check_unique",
+    "did_you_mean",
     "number_type",
     "option_flag",
     "options_from_args",
     "or_none",
     "read_datapoints",
     "read_prompts_file",
+    "read_vectors",
 ]
 
 #: Generated flags spelt as in earlier releases (the rest: ``option_flag``).
@@ -47,20 +53,73 @@ class UserError(Exception):
     """An error caused by the command line's input, reported as one line."""
 
 
+def did_you_mean(word: str, candidates: Sequence[str]) -> str:
+    """`` (did you mean X?)`` for the closest candidate to a mistyped ``word`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but its errors are one line (no usage dump) and exit with status 2, and the functions in
-    ``deferred`` (which add arguments that need the library, hence torch) run only when this parser is used."""
+    """argparse, but its errors are one line (no usage dump) and exit with status 2, a mistyped option,
+    choice or subcommand gets a "did you mean" suggestion, and the functions in ``deferred`` (which add
+    arguments that need the library, hence torch) run only when this parser is used."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+        self.commands: dict[str, Parser] = {}  # the subcommands' parsers, filled by add_command
+
+    def add_command(self, sub: Any, name: str, **kwargs: Any) -> Parser:
+        """``sub.add_parser(name, **kwargs)`` (``sub``: this parser's ``add_subparsers()``), remembered for
+        suggestions."""
+        parser: Parser = sub.add_parser(name, **kwargs)
+        self.commands[name] = parser
+        return parser
+
+    def option_strings(self) -> list[str]:
+        """Every option string this parser accepts (``--max-iters``, ``-v``, ...)."""
+        while self.deferred:
+            self.deferred.pop(0)(self)
+        return [o for action in self._actions for o in action.option_strings]
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         while self.deferred:
             self.deferred.pop(0)(self)
         return super().parse_known_args(args, namespace)
 
+    def _check_flags(self, argv: Sequence[str]) -> None:
+        """Refuse an unknown ``--flag`` of the subcommand with a suggestion, before argparse reports anything
+        else (such as missing required arguments)."""
+        name = next((a for a in argv if not a.startswith("-")), None)
+        command = self.commands.get(name or "")
+        if command is None:
+            return
+        options = command.option_strings()
+        for arg in argv[argv.index(name) + 1:]:
+            if arg == "--":
+                break
+            flag = arg.split("=", 1)[0]
+            if flag.startswith("--") and not any(o.startswith(flag) for o in options):
+                raise UserError(f"{command.prog}: unrecognized argument {flag}{did_you_mean(flag, options)} "
+                                f"(see {command.prog} --help)")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self.commands:
+            self._check_flags(list(sys.argv[1:] if args is None else args))
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(ns, "command", None) or "")
+            prog, options = (command.prog, command.option_strings()) if command else (self.prog, [])
+            options += self.option_strings()
+            flag = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
+            hint = did_you_mean(flag, options) if flag else ""
+            raise UserError(f"{prog}: unrecognized arguments: {' '.join(extras)}{hint} (see {prog} --help)")
+        return ns
+
     def error(self, message: str) -> NoReturn:
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            message += did_you_mean(m.group(1), re.findall(r"'([^']*)'", m.group(2)) or m.group(2).split(", "))
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
@@ -249,3 +308,32 @@ def read_prompts_file(path: str) -> list[str]:
             raise JSONLError('expected {"prompt": "..."}', str(p), number)
         prompts.append(obj["prompt"])
     return prompts
+
+
+def add_vector_option(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """--vector PATH [MULTIPLIER] (repeatable; read by :func:`read_vectors`)."""
+    p.add_argument("--vector", action="append", nargs="+", metavar=("PATH", "MULTIPLIER"), default=None,
+                   required=required,
+                   help="saved vector (folder, .safetensors, set folder, .gguf) and an optional multiplier "
+                        "(default 1); repeatable")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="apply vectors made for another architecture/layer count (same hidden size)")
+
+
+def read_vectors(specs: list[list[str]] | None) -> list[tuple[str, Any, float]]:
+    """``(where, SteeringVector, multiplier)`` for each ``--vector PATH [MULTIPLIER]`` (each member of a set),
+    read and verified before any model is loaded."""
+    from .persist import load
+
+    out = []
+    for spec in specs or []:
+        if len(spec) > 2:
+            raise UserError(f"--vector takes PATH [MULTIPLIER], got {len(spec)} values: {spec}")
+        try:
+            mult = FLOAT(spec[1]) if len(spec) == 2 else 1.0
+        except argparse.ArgumentTypeError:
+            raise UserError(f"--vector {spec[0]}: multiplier must be a number, got {spec[1]!r}") from None
+        obj = load(spec[0])
+        for name, vec in (obj.items() if isinstance(obj, dict) else [(None, obj)]):
+            out.append((spec[0] if name is None else f"{spec[0]} [{name}]", vec, mult))
+    return out

@@ -4,8 +4,8 @@ Recipe: run (positive, negative) text pairs through the model, read one token's 
 every requested layer (:func:`extract_activations`), combine the positive/negative activations into one
 vector per layer (:func:`aggregate_activations` with an aggregator), and wrap the result in the same
 :class:`~steering_opt.vector.SteeringVector` the optimiser produces (:func:`contrastive_vector` does all
-of it; :func:`steering_opt.compat.steering_vectors.train_steering_vector` is the same under the
-steering-vectors name and signature)::
+of it, and :func:`train_steering_vector` is the same with positional arguments;
+:mod:`steering_opt.compat.steering_vectors` has steering-vectors' exact API and layer numbering)::
 
     vec = contrastive_vector(model, tok, [("I love it", "I hate it"), ...], layers=[6])
     with vec.apply(model, multiplier=4.0):
@@ -27,6 +27,7 @@ Aggregators map ``(pos (n, d), neg (n, d)) -> vector (d,)``; operators map
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +38,7 @@ from torch import nn
 
 from . import arch
 from .hooks import capture, frozen_model, pad_sequences, pad_token_id, site_kind
+from .progress import check_progress, progress_bar
 from .vector import Operator, SiteConfig, SteeringVector, resolve_site_module
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "pca_aggregator",
     "projection_operator",
     "tokenize_text",
+    "train_steering_vector",
 ]
 
 #: A plain string, or a chat as a list of ``{"role": ..., "content": ...}`` messages.
@@ -210,9 +213,8 @@ def projection_operator(scale: float = 1.0, normalize: bool = True) -> Operator:
     do not matter and ``scale`` sets the strength: ``-1`` removes the component like
     :func:`ablation_operator`, ``0`` does nothing, ``1`` doubles it) or ``u = v`` (``normalize=False``: the
     change grows with ``‖v‖²``, so with the multiplier squared). The steering adapts to how much of the
-    direction each token already carries, unlike plain addition. Seed 004's
-    ``do_steering(..., proj=True, normalise=True, scale=s)`` (``h - s·(h·v̂)v̂``) is
-    ``projection_operator(scale=-s)``.
+    direction each token already carries, unlike plain addition. The projection form of steering,
+    ``h - s·(h·v̂)v̂``, is ``projection_operator(scale=-s)``.
     """
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"projection_operator: `scale` must be a number, got {scale!r}")
@@ -335,7 +337,7 @@ def extract_activations(
     layer_config: SiteConfig = None,
     read_token_index: ReadIndex = -1,
     batch_size: int = 1,
-    show_progress: bool = False,
+    show_progress: bool | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Read one token's activation per text, at every layer, for positive and negative texts.
 
@@ -358,7 +360,8 @@ def extract_activations(
             negative counts from the end of the text's own tokens, padding excluded) or a callable
             ``text -> int`` (called with the string as tokenised).
         batch_size: sequences per forward pass (>= 1).
-        show_progress: show a tqdm bar over batches.
+        show_progress: a progress bar over batches: ``None`` (default) when a person is watching (Jupyter, or
+            stderr a terminal; see :mod:`steering_opt.progress`), ``True`` / ``False`` always / never.
 
     Returns:
         ``(positive, negative)``: two dicts ``{layer: tensor (n_pairs, d)}`` (float32, CPU), row ``i`` from
@@ -379,6 +382,7 @@ def extract_activations(
     if not (callable(read_token_index) or (isinstance(read_token_index, numbers.Integral)
                                            and not isinstance(read_token_index, bool))):
         raise TypeError(f"`read_token_index` must be an int or a callable text -> int, got {read_token_index!r}")
+    check_progress(show_progress, "show_progress")
     layer_list = _resolve_layers(model, layers, layer_config)
     modules = [resolve_site_module(model, layer, layer_type, layer_config) for layer in layer_list]
 
@@ -416,13 +420,9 @@ def extract_activations(
         return capture(forward, points,
                        read=lambda _, h: h[rows.to(h.device), cols.to(h.device)].detach().float().cpu())
 
-    iterator: Any = batches
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc="Extracting activations")
-    with frozen_model(model), torch.no_grad():
-        for batch in iterator:
+    bar = progress_bar(len(batches), "extract activations", progress=show_progress, unit="batch")
+    with frozen_model(model), torch.no_grad(), contextlib.closing(bar):
+        for batch in batches:
             captured = read_batch(batch)
             missing = [layer for layer in layer_list if layer not in captured]
             if missing:
@@ -430,6 +430,7 @@ def extract_activations(
                                    "run during the forward pass; check `layer_config`")
             for layer in layer_list:
                 out[layer][torch.tensor(batch)] = captured[layer]
+            bar.update(1)
     pos = {layer: t[0::2].contiguous() for layer, t in out.items()}
     neg = {layer: t[1::2].contiguous() for layer, t in out.items()}
     return pos, neg
@@ -501,7 +502,7 @@ def contrastive_vector(
     layer_config: SiteConfig = None,
     read_token_index: ReadIndex = -1,
     batch_size: int = 1,
-    show_progress: bool = False,
+    show_progress: bool | None = None,
 ) -> SteeringVector:
     """A steering vector from contrast pairs: :func:`extract_activations` then :func:`aggregate_activations`.
 
@@ -529,3 +530,26 @@ def contrastive_vector(
         "n_pairs": int(n_pairs),
     }
     return SteeringVector(layer_activations=vectors, layer_type=layer_type, metadata=meta)
+
+
+def train_steering_vector(
+    model: nn.Module,
+    tokenizer: Any,
+    training_samples: Sequence[tuple[Text, Text] | ContrastPair],
+    layers: int | Sequence[int] | None = None,
+    layer_type: str = "decoder_block",
+    layer_config: SiteConfig = None,
+    read_token_index: ReadIndex = -1,
+    batch_size: int = 1,
+    show_progress: bool | None = None,
+    aggregator: Aggregator | None = None,
+) -> SteeringVector:
+    """:func:`contrastive_vector` with every argument also accepted by position (``so.train_steering_vector``).
+
+    Layers are steering_opt's: ``decoder_block`` layer ``L`` is the residual stream *entering* block ``L``.
+    For steering-vectors' own signature and numbering (its layer ``L`` is the *output* of block ``L``) use
+    :func:`steering_opt.compat.steering_vectors.train_steering_vector`.
+    """
+    return contrastive_vector(model, tokenizer, training_samples, layers, aggregator=aggregator,
+                              layer_type=layer_type, layer_config=layer_config, read_token_index=read_token_index,
+                              batch_size=batch_size, show_progress=show_progress)

@@ -13,9 +13,11 @@ one token if tokenised together.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 SRC, DST = 0, 1
@@ -195,4 +197,50 @@ def nest_losses(seqs: Sequence[TokenizedCompletion], losses: Sequence[float],
     out: list[list[list[float]]] = [[[], []] for _ in range(n_datapoints)]
     for s, loss in zip(seqs, losses):
         out[s.datapoint][s.kind].append(float(loss))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- provenance
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON types (dataclasses as dicts, tuples as lists, anything else as its repr)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def datapoints_sha256(datapoints: Sequence[Any]) -> str:
+    """A sha256 (hex) of the datapoints' contents (every field of ``TrainingDatapoint``, or the contrast pairs),
+    so two saves can be checked for having been made from the same data without storing it."""
+    text = json.dumps(_plain(list(datapoints)), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def describe_datapoints(datapoints: Sequence[Any], max_prompts: int = 3, max_chars: int = 200) -> dict[str, Any]:
+    """A short JSON-able summary of training datapoints (``TrainingDatapoint`` or contrast pairs).
+
+    ``{"count", "sha256" (:func:`datapoints_sha256`), "src_completions", "dst_completions",
+    "examples": [first prompts, truncated]}``.
+    """
+    src = sum(len(getattr(d, "src_completions", []) or []) for d in datapoints)
+    dst = sum(len(getattr(d, "dst_completions", []) or []) for d in datapoints)
+    examples = []
+    for d in list(datapoints)[:max_prompts]:
+        text = getattr(d, "prompt", None)
+        if text is None:
+            text = getattr(d, "positive", None)
+        if text is None and isinstance(d, (tuple, list)) and d:
+            text = d[0]
+        if isinstance(text, str):
+            examples.append(text if len(text) <= max_chars else text[: max_chars - 1] + "…")
+    out: dict[str, Any] = {"count": len(datapoints), "sha256": datapoints_sha256(datapoints), "examples": examples}
+    if src or dst:
+        out.update(src_completions=src, dst_completions=dst)
     return out

@@ -12,7 +12,8 @@ optionally divided by the completion's token count. Two engines compute it:
 * :class:`ReferenceEngine` — the naive algorithm, kept as the obviously-correct baseline: one full
   forward and backward per completion, full-vocabulary softmax at every position.
 * :class:`FastEngine` — the default: runs the blocks below the lowest steered layer once (no grad)
-  and caches their output; each step runs only the blocks from that layer up, with every completion
+  and caches their output; each step runs only the blocks from that layer up (through
+  :func:`~steering_opt.arch.truncated_view`: the shared model is never modified), with every completion
   of every datapoint in one right-padded batch (chunked by a token budget), and takes logits only
   at positions that predict a completion token.
 
@@ -22,7 +23,6 @@ specification, and agree to ~1e-5 (tested).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -346,9 +346,9 @@ class FastEngine(Engine):
             gather_b=torch.tensor(gb), gather_t=torch.tensor(gt), targets=torch.tensor(tg), owner=torch.tensor(ow),
         )
 
-    def _forward(self, chunk: _Chunk) -> Any:
-        return self.model(input_ids=chunk.input_ids, position_ids=chunk.position_ids, attention_mask=chunk.attn,
-                          use_cache=False)
+    def _forward(self, chunk: _Chunk, model: nn.Module | None = None) -> Any:
+        return (model or self.model)(input_ids=chunk.input_ids, position_ids=chunk.position_ids,
+                                     attention_mask=chunk.attn, use_cache=False)
 
     @torch.no_grad()
     def _fill_cache(self, chunk: _Chunk) -> None:
@@ -356,10 +356,17 @@ class FastEngine(Engine):
         (h,) = capture_inputs(self.model, [self.modules[self.low]], lambda: self._forward(chunk))
         chunk.cache = h.detach()
 
-    def _truncation(self) -> contextlib.AbstractContextManager:
+    def _upper_model(self) -> nn.Module | None:
+        """A view of the model running only the blocks from the lowest steered one on (the shared model is
+        never modified, so other threads may use it meanwhile); None: run the full model."""
         if not self.cache_lower_layers or self.low == 0:
-            return contextlib.nullcontext()
-        return arch.truncated_blocks(self.model, self.low)
+            return None
+        try:
+            return arch.truncated_view(self.model, self.low)
+        except NotImplementedError as e:
+            log.info("lower-layer cache disabled for this architecture: %s", e)
+            self.cache_lower_layers = False
+            return None
 
     def forget(self, subset: Sequence[int] | None) -> None:
         if subset is None:
@@ -375,16 +382,11 @@ class FastEngine(Engine):
             self._chunks[key] = self._make_chunks(idx)
         pos_in_subset = {s: j for j, s in enumerate(idx)}
         out = torch.zeros(len(idx))
+        upper = self._upper_model()
+        use_cache = upper is not None
         for chunk in self._chunks[key]:
-            use_cache = self.cache_lower_layers and self.low > 0
             if use_cache and chunk.cache is None:
-                try:
-                    with self._truncation():
-                        pass
-                    self._fill_cache(chunk)
-                except NotImplementedError as e:
-                    log.info("lower-layer cache disabled for this architecture: %s", e)
-                    self.cache_lower_layers = use_cache = False
+                self._fill_cache(chunk)
             spec = spec_fn(chunk.seq_idx)
             spec = spec.select(chunk.row_first)
             specs: list[HookSpec] = []
@@ -400,8 +402,8 @@ class FastEngine(Engine):
                 return arch.replace_hidden_states(args, kwargs, h[gb.to(h.device), gt.to(h.device)][None])
 
             specs.append((self.head, gather, "pre"))
-            with torch.set_grad_enabled(backward), self._truncation(), attach(specs):
-                logits = self._forward(chunk).logits[0]
+            with torch.set_grad_enabled(backward), attach(specs):
+                logits = self._forward(chunk, upper).logits[0]
                 logp = self.objective.token_logprobs(logits, chunk.targets)
                 idx_t = torch.tensor(chunk.seq_idx)
                 losses = self.objective.completion_losses(logp, chunk.owner, self.kinds[idx_t], self.lengths[idx_t])

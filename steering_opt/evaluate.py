@@ -61,8 +61,10 @@ from .passes import (
     is_chat,
     mean_kl,
     next_token_logprobs,
+    planned_passes,
     token_logprobs,
 )
+from .progress import check_progress, overall
 from .scorers import distinct_n, get_scorer, real_word_fraction, repetition_rate
 from .vector import SteeringVector, check_multiplier
 
@@ -217,9 +219,6 @@ def _describe_steering(steering: Any) -> str:
     parts = [f"{v.kind}@{','.join(map(str, v.layers))}" + (f"x{s:g}" if s != 1 else "") for v, s in vectors]
     parts += [f"hook@{layer}" for layer, _ in hooks]
     return "+".join(parts)
-
-
-# ------------------------------------------------------------------------------------ model passes
 
 
 # ------------------------------------------------------------------------------ public primitives
@@ -561,10 +560,28 @@ class Evaluator:
             self._base = base
         return self._base
 
-    def evaluate(self, steering: Any, multiplier: float = 1.0, *, label: str | None = None) -> EvalResult:
-        """Measure ``steering`` (any form, see the module docstring) at strength ``multiplier``."""
+    def planned_passes(self) -> int:
+        """The forward passes of one :meth:`evaluate` (twice as many while the baseline is not cached)."""
+        bs, gen = self.batch_size, int(self.gen_kwargs["max_new_tokens"]) if self.do_generate else 0
+        comps = self.promote_ids + self.suppress_ids
+        one = planned_passes([len(p) + len(c) for p in self.prompt_ids for c in comps], bs) + \
+            planned_passes([len(p) for p in self.neutral_ids], bs)
+        if gen:
+            one += planned_passes([len(p) for p in self.prompt_ids], bs, generate=gen) + \
+                planned_passes([len(p) + gen for p in self.prompt_ids], bs)
+        return one * (2 if self._base is None else 1)
+
+    def evaluate(self, steering: Any, multiplier: float = 1.0, *, label: str | None = None,
+                 progress: bool | None = None) -> EvalResult:
+        """Measure ``steering`` (any form, see the module docstring) at strength ``multiplier``; ``progress``:
+        one bar over the model's forward passes, see :func:`evaluate`."""
         multiplier = _strength(multiplier)
         _check_steering(self.model, steering)
+        check_progress(progress)
+        with overall(self.planned_passes(), "evaluate", progress=progress, unit="pass"):
+            return self._measure(steering, multiplier, label)
+
+    def _measure(self, steering: Any, multiplier: float, label: str | None) -> EvalResult:
         start = time.perf_counter()
         base = self.baseline()
         with frozen_model(self.model):
@@ -652,11 +669,15 @@ def evaluate(
     min_distinct2: float = 0.75,
     min_real_words: float = 0.95,
     kl_positions: str = "all",
+    progress: bool | None = None,
 ) -> EvalResult:
     """Evaluate ``steering`` on held-out ``prompts``: steered vs unsteered generations, success,
     fluency, perplexity, completion log-prob shifts and KL on neutral prompts.
 
     See :class:`Evaluator` for the arguments and the module docstring for the metrics (units: nats).
+    ``progress``: one bar over the model's forward passes (each generated token counts as one), with an ETA:
+    ``None`` (default) when a person is watching (Jupyter, or stderr a terminal; ``STEERING_OPT_PROGRESS=0/1``
+    overrides), ``True`` / ``False`` always / never.
     The model is left exactly as it was (hooks removed, ``requires_grad`` flags and train/eval mode
     restored), also when an error is raised.
 
@@ -668,5 +689,5 @@ def evaluate(
                    do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                    batch_size=batch_size, fluency_lang=fluency_lang, min_distinct2=min_distinct2,
                    min_real_words=min_real_words, kl_positions=kl_positions)
-    return ev.evaluate(steering, multiplier)
+    return ev.evaluate(steering, multiplier, progress=progress)
 __import__("steering_opt.util").util.make_module_callable(__name__)  # calling the module calls evaluate()

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -31,6 +33,7 @@ from torch import nn
 from . import arch
 from .parameterization import Additive, Affine, Clamp, OperatorSteering, Steering
 from .parameterization import steer as steer_rows
+from .util import uninterruptible
 
 # ------------------------------------------------------------------------------------------ steering
 
@@ -91,14 +94,22 @@ HOOK_KINDS: tuple[str, ...] = ("pre", "post")
 HookSpec = tuple[nn.Module, Callable[..., Any], str]
 
 
+#: Where :func:`attach`'s hooks act: ``"thread"`` (forwards run by the attaching thread) or ``"global"`` (all).
+HOOK_SCOPES: tuple[str, ...] = ("thread", "global")
+
+
 class HookHandle:
     """Removes a group of hooks registered together; also a context manager (removal on exit).
 
-    ``remove()`` is idempotent and removes in reverse registration order.
+    ``remove()`` is idempotent, removes in reverse registration order, and finishes even when Ctrl-C is pressed
+    meanwhile (the interrupt is raised once every hook is off). ``thread``: the ident of the only thread
+    whose forwards the hooks act on, or None when they act on every thread (``scope="global"``). Thread-scoped
+    hooks are also removed when the handle is garbage-collected: keep the handle as long as they should act.
     """
 
-    def __init__(self, handles: Iterable[Any] = ()) -> None:
+    def __init__(self, handles: Iterable[Any] = (), *, thread: int | None = None) -> None:
         self._handles: list[Any] = list(handles)
+        self.thread: int | None = thread
 
     @property
     def active(self) -> bool:
@@ -107,9 +118,16 @@ class HookHandle:
 
     def remove(self) -> None:
         """Remove every hook of this handle (a second call does nothing)."""
-        handles, self._handles = self._handles, []
-        for h in reversed(handles):
-            h.remove()
+        try:
+            uninterruptible(self._remove_rest)
+        except KeyboardInterrupt:  # Ctrl-C landed before the removal could start deferring it
+            uninterruptible(self._remove_rest)
+            raise
+
+    def _remove_rest(self) -> None:  # resumable: a handle leaves the list only once it is removed
+        while self._handles:
+            self._handles[-1].remove()
+            self._handles.pop()
 
     def __enter__(self) -> HookHandle:
         return self
@@ -117,14 +135,35 @@ class HookHandle:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
+    def __del__(self) -> None:  # a call's hooks never outlive their handle (e.g. Ctrl-C before `with` starts)
+        if getattr(self, "thread", None) is not None and getattr(self, "_handles", None):
+            self.remove()
 
-def attach(hooks: Iterable[HookSpec]) -> HookHandle:
+
+def _for_thread(fn: Callable[..., Any], thread: int) -> Callable[..., Any]:
+    """``fn`` on the forwards of ``thread``; a pass-through (``None``: nothing changed) on other threads."""
+
+    def scoped(*args: Any) -> Any:
+        return fn(*args) if threading.get_ident() == thread else None
+
+    return scoped
+
+
+def attach(hooks: Iterable[HookSpec], *, scope: str = "thread") -> HookHandle:
     """Register hooks ``[(module, fn, kind), ...]`` and return one :class:`HookHandle` removing them all.
 
-    Every spec is checked before the first hook is registered; if a registration fails half-way, the
-    hooks already added are removed before the error propagates. Use as ``with attach(specs): ...`` or
-    keep the handle and call ``.remove()``.
+    Args:
+        hooks: the specs (see :data:`HookSpec`); every one is checked before the first is registered.
+        scope: ``"thread"`` (default): the hooks act only on forward passes run by the calling thread, and
+            pass through unchanged on any other thread, so steering attached for a call or a ``with`` block
+            never leaks into another thread's use of the same model. ``"global"``: they act on every thread
+            (persistent patches such as :meth:`SteeringVector.patch`).
+
+    If a registration fails half-way, the hooks already added are removed before the error propagates (Ctrl-C
+    waits until registration is complete). Use as ``with attach(specs): ...`` or call ``.remove()``.
     """
+    if scope not in HOOK_SCOPES:
+        raise ValueError(f"`scope` must be one of {HOOK_SCOPES}, got {scope!r}")
     specs = list(hooks)
     for i, spec in enumerate(specs):
         if not isinstance(spec, tuple) or len(spec) != 3:
@@ -136,17 +175,25 @@ def attach(hooks: Iterable[HookSpec]) -> HookHandle:
             raise TypeError(f"hook spec {i}: the hook must be callable, got {type(fn).__name__}")
         if kind not in HOOK_KINDS:
             raise ValueError(f"hook spec {i}: kind must be one of {HOOK_KINDS}, got {kind!r}")
-    handle = HookHandle()
-    try:
-        for module, fn, kind in specs:
+    thread = threading.get_ident() if scope == "thread" else None
+    fns = [fn if thread is None else _for_thread(fn, thread) for _, fn, _ in specs]
+    handle = HookHandle(thread=thread)
+
+    def register_rest() -> None:  # resumable: picks up after the last registered spec
+        while len(handle._handles) < len(specs):
+            i = len(handle._handles)
+            module, kind = specs[i][0], specs[i][2]
             if kind == "pre":
-                handle._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+                handle._handles.append(module.register_forward_pre_hook(fns[i], with_kwargs=True))
             else:
-                handle._handles.append(module.register_forward_hook(fn))
+                handle._handles.append(module.register_forward_hook(fns[i]))
+
+    try:
+        uninterruptible(register_rest)
+        return handle
     except BaseException:
         handle.remove()
         raise
-    return handle
 
 
 #: ``fn(activation (b, s, d), position_ids (b, s) or None) -> new activation, or None to leave it``.
@@ -585,23 +632,68 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "ri
 # ------------------------------------------------------------------------------------------- freezing
 
 
+class _Frozen:
+    """What :func:`frozen_model` saved of one model, and the calls (tokens) currently holding it frozen."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.config: Any = getattr(model, "config", None)
+        self.use_cache = getattr(self.config, "use_cache", None)
+        self.holders: set[object] = set()
+
+    def freeze(self) -> None:  # idempotent
+        for p, _, _ in self.flags:
+            p.requires_grad_(False)
+        for m, _ in self.modes:
+            m.training = False
+
+    def restore(self) -> None:  # idempotent
+        for p, flag, grad in self.flags:
+            p.requires_grad_(flag)
+            p.grad = grad
+        for m, t in self.modes:
+            m.training = t
+        if self.use_cache is not None:
+            self.config.use_cache = self.use_cache
+
+
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, _Frozen] = weakref.WeakKeyDictionary()
+_FROZEN_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def frozen_model(model: nn.Module) -> Iterator[nn.Module]:
-    """Freeze and eval the model for the duration; restore requires_grad flags, train mode and
-    ``config.use_cache`` exactly afterwards, also on exceptions and ``KeyboardInterrupt``."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None) if config is not None else None
+    """Freeze and eval the model for the duration; afterwards restore ``requires_grad``, ``.grad``, train mode
+    and ``config.use_cache`` exactly, also on exceptions and ``KeyboardInterrupt`` (Ctrl-C pressed while
+    freezing or restoring is raised once that is complete). Overlapping calls (nested, or in several threads)
+    share one freeze: the first to enter saves the state, the last to leave restores it.
+    """
+    token = object()
+
+    def enter() -> None:  # resumable: saves once, (re)freezes, registers the token
+        with _FROZEN_LOCK:
+            record = _FROZEN.get(model)
+            if record is None:
+                record = _FROZEN[model] = _Frozen(model)
+            record.freeze()
+            record.holders.add(token)
+
+    def leave() -> None:  # resumable: the last holder restores
+        with _FROZEN_LOCK:
+            record = _FROZEN.get(model)
+            if record is not None and not record.holders - {token}:
+                record.restore()
+                _FROZEN.pop(model, None)
+            elif record is not None:
+                record.holders.discard(token)
+
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
+        uninterruptible(enter)
         yield model
     finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        for m, t in modes:
-            m.training = t
-        if config is not None and use_cache is not None:
-            config.use_cache = use_cache
+        try:
+            uninterruptible(leave)
+        except KeyboardInterrupt:  # Ctrl-C landed before `leave` could start deferring it
+            uninterruptible(leave)
+            raise

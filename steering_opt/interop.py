@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from . import arch
 from .codec import (
     SteeringFileError,
     additive_document,
@@ -56,6 +57,9 @@ __all__ = [
 GGUF_ARCH = "controlvector"
 #: The manifest of a legacy vector-set folder.
 LEGACY_SET_FILE = "metadata.json"
+#: GGUF keys ``steering_opt.model.<key>`` of the model fingerprint (:func:`steering_opt.arch.model_fingerprint`).
+GGUF_FINGERPRINT_PREFIX = "steering_opt.model."
+GGUF_FINGERPRINT_KEYS = ("name_or_path", "model_type", "architecture", "hidden_size", "num_layers")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -94,6 +98,7 @@ def export_gguf(
     *,
     multiplier: float = 1.0,
     model_hint: str | None = None,
+    model: torch.nn.Module | None = None,
 ) -> Path:
     """Write a llama.cpp control vector (``llama-cli --control-vector FILE``), atomically.
 
@@ -102,12 +107,17 @@ def export_gguf(
     llama.cpp never steers the output of block 0 (``direction.0`` is rejected), so layers 0 and 1 cannot be
     exported. Only additive ``decoder_block`` vectors can be expressed. Keys: ``general.architecture =
     "controlvector"``, ``controlvector.model_hint`` (the model type), ``controlvector.layer_count`` (as
-    repeng's ``export_gguf`` writes them).
+    repeng's ``export_gguf`` writes them), and the model fingerprint as ``steering_opt.model.*`` keys
+    (``name_or_path``, ``model_type``, ``architecture``, ``hidden_size``, ``num_layers``), which
+    :func:`import_gguf` reads back so that loading the file for another model is refused
+    (:func:`steering_opt.persist.check_compatible`); llama.cpp ignores them.
 
     Args:
         multiplier: scale baked into the exported directions (llama.cpp can scale again with
             ``--control-vector-scaled FILE S``).
         model_hint: overrides the model type recorded in the metadata.
+        model: the model the vector is for; its fingerprint is recorded (default: the one in
+            ``vector.metadata["model"]``, if any).
 
     Returns:
         ``path``.
@@ -133,7 +143,8 @@ def export_gguf(
                          "of blocks 1..n-1 (layer 0 is the embedding output, layer 1 the output of block 0)")
     check_savable(vector)
     stored = vector.metadata.get("model")
-    fp: Mapping[str, Any] = stored if isinstance(stored, Mapping) else {}
+    fp: Mapping[str, Any] = arch.model_fingerprint(model) if model is not None else \
+        stored if isinstance(stored, Mapping) else {}
     hint = model_hint or fp.get("model_type") or "unknown"
 
     def write(tmp: Path) -> None:
@@ -142,6 +153,12 @@ def export_gguf(
         writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(layers))
         writer.add_string("steering_opt.layer_convention",
                           "direction.{il} = steering_opt decoder_block layer il+1 (output of block il)")
+        for key in GGUF_FINGERPRINT_KEYS:
+            value = fp.get(key)
+            if isinstance(value, str) and value:
+                writer.add_string(f"{GGUF_FINGERPRINT_PREFIX}{key}", value)
+            elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
+                writer.add_uint32(f"{GGUF_FINGERPRINT_PREFIX}{key}", value)
         for layer, t in layers.items():
             writer.add_tensor(f"direction.{layer - 1}", np.ascontiguousarray(t.numpy(), dtype=np.float32))
         writer.write_header_to_file()
@@ -187,12 +204,30 @@ def import_gguf(path: str | os.PathLike[str]) -> SteeringVector:
         acts[il + 1] = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1).copy())
     if not acts:
         raise SteeringFileError(f"{path}: no direction.<layer> tensors (not a control vector)")
-    hint_field = reader.get_field(f"{GGUF_ARCH}.model_hint")
-    hint = None
-    if hint_field is not None and len(hint_field.parts):
-        hint = bytes(hint_field.parts[-1]).decode("utf-8", errors="replace")
-    meta = {"method": "import_gguf", "imported_from": str(path.name), "model": {"model_type": hint}}
+    hint = _gguf_value(reader, f"{GGUF_ARCH}.model_hint")
+    model: dict[str, Any] = {"model_type": hint if isinstance(hint, str) else None}
+    for key in GGUF_FINGERPRINT_KEYS:  # written by export_gguf; absent from other tools' files (e.g. repeng's)
+        value = _gguf_value(reader, f"{GGUF_FINGERPRINT_PREFIX}{key}")
+        if isinstance(value, (str, int)) and (value != "" or key != "name_or_path"):
+            model[key] = value
+    meta = {"method": "import_gguf", "imported_from": str(path.name), "model": model}
     return vector_from_tensors(*additive_document(acts, str(path), metadata=meta), str(path))
+
+
+def _gguf_value(reader: Any, key: str) -> str | int | None:
+    """A string or integer key of a GGUF file (None if absent or of another type)."""
+    import gguf
+
+    field = reader.get_field(key)
+    if field is None or not len(field.parts) or not field.types:
+        return None
+    kind = field.types[0]
+    if kind == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[-1]).decode("utf-8", errors="replace")
+    if kind in (gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32, gguf.GGUFValueType.UINT64,
+                gguf.GGUFValueType.INT64):
+        return int(field.parts[-1][0])
+    return None
 
 
 # ------------------------------------------------------------------------------------ plain tensors

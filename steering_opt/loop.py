@@ -17,26 +17,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import TokenizedCompletion, nest_losses
 from .engine import LossEngine, SteerSpec
 from .options import OptimizeOptions
 from .parameterization import Additive, Affine, Clamp, Steering
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-
-def show_progress(progress: bool | None) -> bool:
-    """``None`` means: on inside a Jupyter kernel, off elsewhere (scripts, tests)."""
-    if progress is not None:
-        return bool(progress)
-    return "ipykernel" in sys.modules
 
 
 def unique_params(steering: dict[int, Steering]) -> list[Steering]:
@@ -58,10 +50,12 @@ class OptimizeResult:
         iters: optimiser steps taken.
         losses: per-completion losses ``(n_completions,)`` of the returned parameters (nats).
         completion_losses: the same as ``[datapoint][0 = src, 1 = dst][completion]``.
-        loss_history: summed loss (nats) at every evaluation.
+        loss_history: summed (``loss_reduction='mean'``: mean) loss (nats) at every evaluation.
         status: ``"max_iters"``, ``"target_reached"``, ``"converged"`` or ``"nonfinite"``.
         extra: phase-specific entries (output-constrained phase, processes, job name), copied into
             :attr:`info`.
+        provenance: what the vector was made from, recorded by :meth:`to_steering_vector` (and so by every
+            save): ``{"model": arch.model_fingerprint(model), "datapoints": describe_datapoints(...)}``.
     """
 
     steering: dict[int, Steering]
@@ -73,6 +67,7 @@ class OptimizeResult:
     status: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     per_layer: bool = False  # one vector per layer (``optimize(..., per_layer=True)``), even for one layer
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
@@ -85,8 +80,9 @@ class OptimizeResult:
 
     @property
     def loss(self) -> float:
-        """Summed loss of the returned parameters (nats)."""
-        return float(self.losses.sum())
+        """Loss of the returned parameters (nats): the sum over completions (their mean with
+        ``loss_reduction='mean'``)."""
+        return float(self.losses.mean() if self.options.loss_reduction == "mean" else self.losses.sum())
 
     @property
     def vector(self) -> torch.Tensor:
@@ -159,11 +155,12 @@ class OptimizeResult:
 
     def to_steering_vector(self, metadata: dict[str, Any] | None = None) -> Any:
         """A :class:`~steering_opt.vector.SteeringVector` (to apply, combine, save) that records the
-        parameterisation, the options and the final loss."""
+        parameterisation, the options, the final loss, and (from :func:`~steering_opt.optimize.optimize`) the
+        model's fingerprint and a summary of the datapoints."""
         from .vector import SteeringVector
 
         meta = {"method": "optimize", "iters": self.iters, "loss": self.loss, "status": self.status,
-                "loss_units": "nats", "options": self.options.to_dict()}
+                "loss_units": "nats", "options": self.options.to_dict(), **self.provenance}
         meta.update(metadata or {})
         return SteeringVector.from_steering(self.steering, metadata=meta)
 
@@ -194,9 +191,16 @@ class JobState:
         self.targets = torch.tensor([s.target if s.target is not None else math.inf for s in seqs])
         self.owner = torch.tensor([s.datapoint for s in seqs])
         self.signs = torch.tensor([s.sign for s in seqs])
+        self.sat_targets = self._satisfice_targets()
+        #: noise draws per step (``noise_iters`` with noise, else one evaluation)
+        self.passes = options.noise_iters if options.noise_scale else 1
         self.tangent: torch.Tensor | None = None  # (n_dp, d) unsteered-loss gradients for tangent noise
+        self.prev_noise: dict[int, torch.Tensor] = {}  # datapoint -> (passes, d) last draw, for anti-PGD
+        self.round_noise: torch.Tensor | None = None  # (n_seqs, passes, d) this round's perturbations
+        self.round_losses: torch.Tensor | None = None  # losses of this round's subset, summed over passes
         self.start = 0  # offset of this job's sequences in the engine's list
         self.history: list[float] = []
+        self.vec_history: list[list[Any]] = []
         self.hits, self.steps = 0, 0
         self.prev: float | None = None
         self.status = "max_iters"
@@ -205,6 +209,19 @@ class JobState:
         self.subset: list[int] | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.last_good: list[torch.Tensor] = []
+
+    def _satisfice_targets(self) -> torch.Tensor | None:
+        """Per-sequence targets of ``satisfice`` (the completion's own target, else ``target_loss``)."""
+        if not self.options.satisfice:
+            return None
+        t = [s.target if s.target is not None else self.options.target_loss for s in self.seqs]
+        missing = [i for i, x in enumerate(t) if x is None or not math.isfinite(x)]
+        if missing:
+            s = self.seqs[missing[0]]
+            raise ValueError(f"`satisfice=True` needs a finite target for every completion: give `target_loss` or "
+                             f"per-completion target losses (datapoints[{s.datapoint}] has none for completion "
+                             f"{s.index} of its {'src' if s.kind == 0 else 'dst'}_completions)")
+        return torch.tensor(t, dtype=torch.float32)
 
     # ------------------------------------------------------------------ state
     def project(self) -> None:
@@ -231,6 +248,10 @@ class JobState:
         log.warning("%snon-finite %s at step %d; restored the last finite parameters",
                     f"{self.name}: " if self.name else "", what, self.steps)
 
+    def _debug(self, msg: str, *args: Any) -> None:
+        if self.options.debug:
+            log.debug("%s" + msg, f"{self.name}: " if self.name else "", *args)
+
     # ------------------------------------------------------------------ the loop's phases
     def begin(self) -> None:
         """Project the start (the caps hold from the first evaluation on) and create the optimiser."""
@@ -238,40 +259,93 @@ class JobState:
         self.opt = torch.optim.Adam(self.tensors, lr=self.options.lr)
         self.last_good = self.snapshot()
 
-    def prepare(self) -> None:
-        """Before an evaluation: clear gradients, pick the subset, refuse unusable parameters."""
+    def prepare(self, d: int | None = None) -> None:
+        """Before an evaluation: clear gradients, pick the subset, refuse unusable parameters, and draw
+        this round's noise (hidden size ``d``; None: no noise is drawn)."""
         assert self.opt is not None
         self.final_eval = self.steps >= self.options.step_cap
         self.opt.zero_grad(set_to_none=True)
+        self.round_losses = None
         if not self.usable():  # the last step made them non-finite (or a clamp vector zero): don't run it
             self._stop_nonfinite("(or zero clamp) parameters")
             return
         self.subset = self.subset_fn(self.steps) if self.subset_fn is not None else None
+        self.round_noise = self.draw_noise(d, self.passes) if d is not None else None
 
     def indices(self) -> list[int]:
         """This round's sequences, as indices into the engine's list."""
         local = range(len(self.seqs)) if self.subset is None else self.subset
         return [self.start + i for i in local]
 
-    def noise(self, d: int) -> torch.Tensor | None:
-        """Per-sequence noise rows ``(n_seqs, d)`` for one evaluation, drawn per datapoint; tangent
-        noise removes the component along the datapoint's unsteered-loss gradient ``g``:
-        ``n - (n·g/‖g‖²) g``."""
-        if not self.options.noise_scale:
+    def draw_noise(self, d: int, passes: int = 1) -> torch.Tensor | None:
+        """Per-sequence perturbations ``(n_seqs, passes, d)`` of one step (None without noise).
+
+        One Gaussian draw ``ξ`` ``(passes, d)`` (std ``noise_scale``) per datapoint of this round, in
+        datapoint order, shared by the datapoint's completions (its prompt is computed once). The
+        perturbation is ``ξ_t`` (``ξ_t - ξ_{t-1}`` with ``do_antipgd``, ``ξ_{-1} = 0``); tangent noise
+        then removes its component along the datapoint's unsteered-loss gradient ``g``: ``n - c g`` with
+        ``c = n·g/‖g‖²`` (``min(c, 0)`` with ``do_noise_abl_relu``: only a downhill component is removed).
+        Rows of sequences outside this round's subset are zero.
+        """
+        o = self.options
+        if not o.noise_scale:
             return None
-        n = torch.randn(self.n_dp, d, generator=self.gen) * self.options.noise_scale
-        g = self.tangent
-        if g is not None:
+        local = range(len(self.seqs)) if self.subset is None else self.subset
+        dps = sorted({self.seqs[i].datapoint for i in local})
+        xi = torch.randn(len(dps), passes, d, generator=self.gen) * o.noise_scale
+        pert = xi
+        if o.do_antipgd:
+            zero = torch.zeros(passes, d)
+            pert = xi - torch.stack([self.prev_noise.get(dp, zero) for dp in dps])
+            self.prev_noise.update({dp: xi[i] for i, dp in enumerate(dps)})
+        if self.tangent is not None:
+            g = self.tangent[dps][:, None, :]
             g2 = (g * g).sum(-1, keepdim=True)
-            coef = torch.where(g2 > 0, (n * g).sum(-1, keepdim=True) / g2.clamp_min(1e-30), torch.zeros_like(g2))
-            n = n - coef * g
-        return n[self.owner]
+            coef = torch.where(g2 > 0, (pert * g).sum(-1, keepdim=True) / g2.clamp_min(1e-30), torch.zeros_like(g2))
+            if o.do_noise_abl_relu:
+                coef = coef.clamp(max=0)
+            pert = pert - coef * g
+        row = torch.full((self.n_dp,), -1, dtype=torch.long)
+        row[dps] = torch.arange(len(dps))
+        out = torch.zeros(len(self.seqs), passes, d)
+        idx = torch.tensor(list(local), dtype=torch.long)
+        out[idx] = pert[row[self.owner[idx]]]
+        return out
+
+    def noise(self, d: int) -> torch.Tensor | None:
+        """One evaluation's per-sequence noise rows ``(n_seqs, d)`` (see :meth:`draw_noise`)."""
+        rows = self.draw_noise(d, 1)
+        return None if rows is None else rows[:, 0]
+
+    def noise_rows(self, j: int) -> torch.Tensor | None:
+        """This round's perturbation rows ``(n_seqs, d)`` for noise draw ``j``."""
+        return None if self.round_noise is None else self.round_noise[:, j]
+
+    def weights(self, losses: torch.Tensor | None) -> torch.Tensor:
+        """Gradient weights of this round's sequences ``(len(indices()),)`` for one pass: ``1/passes``, times
+        ``2·(loss - target)`` with ``satisfice`` (the gradient of ``(loss - target)²``); ``losses`` are
+        that pass's losses (needed with ``satisfice`` only)."""
+        n = len(self.indices())
+        w = torch.full((n,), 1.0 / self.passes)
+        if self.sat_targets is not None:
+            assert losses is not None
+            t = self.sat_targets if self.subset is None else self.sat_targets[self.subset]
+            w = w * 2 * (losses - t)
+        return w
+
+    def add_pass(self, losses: torch.Tensor) -> None:
+        """Accumulate one pass's losses of this round's subset."""
+        self.round_losses = losses if self.round_losses is None else self.round_losses + losses
+
+    def reduce(self, losses: torch.Tensor) -> float:
+        """The reported loss of an evaluation: the sum (or mean, ``loss_reduction='mean'``) of ``losses``."""
+        return float(losses.mean() if self.options.loss_reduction == "mean" else losses.sum())
 
     def after_eval(self, sub: torch.Tensor) -> None:
         """Stop checks and the optimiser step after an evaluation with losses ``sub`` (this round's
-        subset, nats); the completion-loss gradients are already in ``.grad``."""
+        subset, nats, averaged over the noise draws); the completion-loss gradients are already in ``.grad``."""
         opts = self.options
-        total = float(sub.sum())
+        total = self.reduce(sub)
         total_obj = total
         if self.reg_fn is not None:
             reg = self.reg_fn(self.steering)
@@ -288,28 +362,38 @@ class JobState:
             self.losses[self.subset] = sub
         self.last_good = self.snapshot()
         self.history.append(total)
+        self._debug("step %d: loss %.6g nats; per completion %s", self.steps, total,
+                    [round(x, 6) for x in sub.tolist()])
         if opts.target_loss is not None or bool((self.targets < math.inf).any()):
+            tol = opts.eps if opts.satisfice else 0.0  # satisficing approaches the target from either side
             if opts.do_target_loss_sum:
-                hit = opts.target_loss is not None and total <= opts.target_loss
+                hit = opts.target_loss is not None and total <= opts.target_loss + tol
             else:
                 t = self.targets if self.subset is None else self.targets[self.subset]
-                hit = bool((sub <= t).all())
+                hit = bool((sub <= t + tol).all())
             self.hits = self.hits + 1 if hit else 0
+            if hit:
+                self._debug("target loss hit (%d of %d consecutive)", self.hits, opts.target_loss_target_iters)
             if self.hits >= opts.target_loss_target_iters:
                 self.status, self.done = "target_reached", True
+                self._debug("stopping: target loss reached after %d steps", self.steps)
                 return
         if self.final_eval:
             self.status, self.done = "max_iters", True
+            self._debug("stopping: %d steps (max_iters)", self.steps)
             return
         if opts.max_iters is None and opts.target_loss is None and self.prev is not None \
                 and abs(self.prev - total) < opts.eps:
             self.status, self.done = "converged", True
+            self._debug("stopping: loss changed by less than eps=%g", opts.eps)
             return
         self.prev = total
         assert self.opt is not None
         self.opt.step()
         self.project()
         self.steps += 1
+        if opts.return_vec_history:
+            self.vec_history.append([t.detach().float().cpu().clone().numpy() for t in self.tensors])
 
     def result(self, extra: dict[str, Any] | None = None, *, per_layer: bool = False) -> OptimizeResult:
         steering = {k: p.detach() for k, p in self.steering.items()}
@@ -318,6 +402,8 @@ class JobState:
         out = dict(extra or {})
         if self.name is not None:
             out["job"] = self.name
+        if self.options.return_vec_history:
+            out["vec_history"] = self.vec_history
         return OptimizeResult(steering=steering, options=self.options, iters=self.steps, losses=self.losses,
                               completion_losses=nest_losses(self.seqs, self.losses.tolist(), self.n_dp),
                               loss_history=self.history, status=self.status, extra=out, per_layer=per_layer)
@@ -329,7 +415,7 @@ class JobState:
 def spec_for(states: Sequence[JobState], layers: Sequence[int], seq_job: torch.Tensor, signs: torch.Tensor,
              noise: torch.Tensor | None) -> Callable[[list[int]], SteerSpec]:
     """Per-sequence steering of the given jobs: sequence ``s`` of job ``j`` is steered at every layer
-    by job ``j``'s parameters with vector ``sign_s · v (+ noise_s)``.
+    by job ``j``'s parameters with vector ``sign_s · (v + noise_s)``.
 
     Args:
         seq_job: ``(n_seqs,)`` index into ``states`` of each engine sequence (-1: not in this round).
@@ -342,10 +428,10 @@ def spec_for(states: Sequence[JobState], layers: Sequence[int], seq_job: torch.T
         job = seq_job[idx]
         rows = {}
         for layer, v in vecs.items():
-            r = signs[idx][:, None].to(v) * v[job.to(v.device)]
+            r = v[job.to(v.device)]
             if noise is not None:
                 r = r + noise[idx].to(r)
-            rows[layer] = r
+            rows[layer] = signs[idx][:, None].to(r) * r
         return SteerSpec(rows=rows, params=per_layer, which=job if len(states) > 1 else None)
 
     return fn
@@ -373,11 +459,50 @@ def tangent_gradients(engine: LossEngine, states: Sequence[JobState], layers: Se
         st.tangent = torch.zeros(st.n_dp, d).index_add(0, st.owner, per_seq[st.start: st.start + len(st.seqs)])
 
 
+def run_pass(engine: LossEngine, group: Sequence[JobState], j: int, layers: Sequence[int], signs: torch.Tensor,
+             device: torch.device, dp_len: dict[int, int] | None) -> None:
+    """Evaluate noise draw ``j`` of this round for the jobs in ``group`` (one batched engine call, two
+    with ``satisfice``: its gradient weights need the losses first) and accumulate the losses."""
+    seqs = engine.seqs
+    seq_job = torch.full((len(seqs),), -1, dtype=torch.long)
+    idx: list[int] = []
+    noise = None
+    for a, st in enumerate(group):
+        seq_job[st.start: st.start + len(st.seqs)] = a
+        idx += st.indices()
+        rows = st.noise_rows(j)
+        if rows is not None:
+            if noise is None:
+                noise = torch.zeros(len(seqs), rows.shape[-1])
+            noise[st.start: st.start + len(st.seqs)] = rows
+    if dp_len is not None:
+        idx.sort(key=lambda i: (-dp_len[seqs[i].datapoint], i))
+    spec_fn = spec_for(group, layers, seq_job, signs, None if noise is None else noise.to(device))
+    backward = any(not st.final_eval for st in group)
+    weights = None
+    if backward and any(st.passes > 1 or st.sat_targets is not None for st in group):
+        first = None
+        if any(st.sat_targets is not None for st in group):
+            first = torch.full((len(seqs),), math.nan)
+            first[torch.tensor(idx)] = engine.run(spec_fn, backward=False, subset=idx)
+        w_seq = torch.zeros(len(seqs))
+        for st in group:
+            own = torch.tensor(st.indices())
+            w_seq[own] = st.weights(None if first is None else first[own])
+        weights = w_seq[torch.tensor(idx)]
+    losses = engine.run(spec_fn, weights=weights, backward=backward, subset=idx)
+    by_seq = torch.full((len(seqs),), math.nan)
+    by_seq[torch.tensor(idx)] = losses
+    for st in group:
+        st.add_pass(by_seq[torch.tensor(st.indices())].clone())
+
+
 def run_jobs(engine: LossEngine, states: Sequence[JobState], *, progress: bool | None = None,
              desc: str = "optimize") -> None:
     """Optimise ``states`` together on ``engine``, whose sequences are the states' sequences
     concatenated (``state.start`` = offset). Every job has its own optimiser and stops on its own; a
-    stopped job leaves the batch. Results are read with :meth:`JobState.result`."""
+    stopped job leaves the batch. Each round evaluates every active job ``passes`` times (its noise
+    draws; once without noise) and averages the losses. Results are read with :meth:`JobState.result`."""
     seqs = engine.seqs
     layers = engine.layers
     d = states[0].params[0].vector.shape[0]
@@ -391,39 +516,24 @@ def run_jobs(engine: LossEngine, states: Sequence[JobState], *, progress: bool |
         st.begin()
     active = list(states)
     members: list[int] | None = None
-    bar = tqdm(total=max(st.options.step_cap for st in states), desc=desc, disable=not show_progress(progress),
-               leave=False)
+    bar = progress_bar(max(st.options.step_cap for st in states) + 1, desc, progress=progress, unit="eval")
     try:
         while active:
             for st in active:
-                st.prepare()
+                st.prepare(d)
             active = [st for st in active if not st.done]
             if not active:
                 break
-            seq_job = torch.full((len(seqs),), -1, dtype=torch.long)
-            idx: list[int] = []
-            noise = None
-            for a, st in enumerate(active):
-                seq_job[st.start: st.start + len(st.seqs)] = a
-                idx += st.indices()
-                rows = st.noise(d)
-                if rows is not None:
-                    if noise is None:
-                        noise = torch.zeros(len(seqs), d)
-                    noise[st.start: st.start + len(st.seqs)] = rows
-            if len(states) > 1:
-                idx.sort(key=lambda i: (-dp_len[seqs[i].datapoint], i))
             now = [id(st) for st in active]
             if members is not None and members != now:
                 engine.forget(None)  # the active set changed: drop the old batches' caches
             members = now
-            spec_fn = spec_for(active, layers, seq_job, signs, None if noise is None else noise.to(device))
-            backward = any(not st.final_eval for st in active)
-            losses = engine.run(spec_fn, backward=backward, subset=idx)
-            by_seq = torch.full((len(seqs),), math.nan)
-            by_seq[torch.tensor(idx)] = losses
+            for j in range(max(st.passes for st in active)):
+                group = [st for st in active if st.passes > j]
+                run_pass(engine, group, j, layers, signs, device, dp_len if len(states) > 1 else None)
             for st in active:
-                st.after_eval(by_seq[torch.tensor(st.indices())].clone())
+                assert st.round_losses is not None
+                st.after_eval(st.round_losses / st.passes)
             active = [st for st in active if not st.done]
             bar.update(1)
             if len(states) == 1 and states[0].history:

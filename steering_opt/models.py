@@ -467,10 +467,14 @@ def load_model(
                 f"extra from_pretrained arguments {sorted(from_pretrained_kwargs)} are not supported "
                 "for the embedded model"
             )
+        logger.info("loading %s (embedded) ...", EMBEDDED_MODEL_NAME)
         model, tokenizer = _load_embedded(torch_dtype)
+        # the config names the cache folder it was read from; saved vectors should name the model instead
+        model.config._name_or_path = EMBEDDED_MODEL_NAME
         label = EMBEDDED_MODEL_NAME
     else:
         assert name_or_path is not None
+        logger.info("loading %s ...", name_or_path)
         model, tokenizer = _load_named(name_or_path, device, torch_dtype, from_pretrained_kwargs)
         label = name_or_path
     model, tokenizer = _finish_model(model, tokenizer, device)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import arch, validate
-from .data import TrainingDatapoint, tokenize_datapoints
+from .data import TrainingDatapoint, describe_datapoints, tokenize_datapoints
 from .engine import LossEngine, Objective, SteerSpec, make_engine
 from .hooks import frozen_model
 from .loop import JobState, OptimizeResult, RegFn, run_jobs
@@ -32,7 +32,8 @@ from .options import DEFAULT_OUTPUT_CONSTR_ITERS, OptimizeOptions
 from .parameterization import Steering, class_for
 from .util import make_module_callable
 
-__all__ = ["OptimizeResult", "initial_steering", "make_generator", "optimize", "output_constrained", "regularizer"]
+__all__ = ["OptimizeResult", "initial_steering", "make_generator", "optimize", "output_constrained", "provenance",
+           "regularizer"]
 
 #: ``custom_output_constr_loss_func(model, tokenizer, datapoints, layers, steering, **pre) -> scalar``
 CustomLoss = Callable[..., torch.Tensor]
@@ -183,7 +184,14 @@ def optimize(
             result = state.result(extra, per_layer=per_layer)
             result.extra.update(output_constr_iters=it, constraints_satisfied=ok,
                                 output_constr_norm_history=history, norm_before_output_constr=norm0)
+    result.provenance = provenance(model, dps)
     return result
+
+
+def provenance(model: nn.Module, datapoints: Sequence[Any]) -> dict[str, Any]:
+    """What a vector is made from, as recorded in its metadata: ``{"model": arch.model_fingerprint(model),
+    "datapoints": describe_datapoints(datapoints)}`` (a sha256 of the datapoints, counts, the first prompts)."""
+    return {"model": arch.model_fingerprint(model), "datapoints": describe_datapoints(datapoints)}
 
 
 def output_constrained(engine: LossEngine, state: JobState, *, start_losses: torch.Tensor,
@@ -210,10 +218,14 @@ def output_constrained(engine: LossEngine, state: JobState, *, start_losses: tor
     lr = o.output_constr_lr if o.output_constr_lr is not None else o.lr
     max_iters = o.max_output_constr_iters if o.max_output_constr_iters is not None else DEFAULT_OUTPUT_CONSTR_ITERS
     target_loss, do_sum, damping = o.target_loss, o.do_target_loss_sum, o.output_constr_damping
+
+    def total(losses: torch.Tensor) -> torch.Tensor:  # the loss that target_loss applies to, shape (1,)
+        return (losses.mean() if o.loss_reduction == "mean" else losses.sum())[None]
+
     per_seq_t = torch.tensor([s.target if s.target is not None else (target_loss if target_loss is not None
                                                                         else math.inf) for s in seqs])
     if do_sum:
-        t = torch.tensor([max(target_loss if target_loss is not None else -math.inf, float(start_losses.sum()))])
+        t = torch.tensor([max(target_loss if target_loss is not None else -math.inf, float(total(start_losses)))])
     else:
         t = torch.maximum(torch.where(per_seq_t < math.inf, per_seq_t, start_losses), start_losses)
 
@@ -224,7 +236,7 @@ def output_constrained(engine: LossEngine, state: JobState, *, start_losses: tor
     scale = norm0 / max(float(t.abs().sum()), 1e-6)
     lam = torch.zeros_like(t)
     lam_norm, g_norm = 0.0, 0.0
-    g = (start_losses.sum()[None] if do_sum else start_losses) - t
+    g = (total(start_losses) if do_sum else start_losses) - t
 
     def objective() -> torch.Tensor:
         return custom_loss() if custom_loss is not None else norm_objective()
@@ -244,6 +256,8 @@ def output_constrained(engine: LossEngine, state: JobState, *, start_losses: tor
     for it in range(1, max_iters + 1):  # noqa: B007
         opt.zero_grad(set_to_none=True)
         mult = torch.clamp(lam + damping * scale * g, min=0) * scale
+        if do_sum and o.loss_reduction == "mean":
+            mult = mult / len(seqs)
         w = mult.expand(len(seqs)) if do_sum else mult
         losses = engine.run(spec_fn, weights=w, backward=True)
         f = objective()
@@ -253,7 +267,7 @@ def output_constrained(engine: LossEngine, state: JobState, *, start_losses: tor
             g_norm = float(nrm.detach()) - o.output_constr_norm_initial_scale * norm0
             f = f + max(0.0, lam_norm + damping * g_norm) * nrm
         f.backward()
-        g = (losses.sum()[None] if do_sum else losses) - t
+        g = (total(losses) if do_sum else losses) - t
         feasible = bool((g <= 1e-6).all()) and g_norm <= 1e-6
         history.append(f_val)
         if feasible and f_val < best[0] - 1e-9:
@@ -268,7 +282,7 @@ def output_constrained(engine: LossEngine, state: JobState, *, start_losses: tor
         lam_norm = max(0.0, lam_norm + lr * g_norm)
     state.restore(best[1])
     final = engine.run(spec_fn, backward=False)
-    g = (final.sum()[None] if do_sum else final) - t
+    g = (total(final) if do_sum else final) - t
     return it, final, bool((g <= 1e-4).all()), history
 
 

@@ -55,8 +55,13 @@ class OptimizeOptions:
     target_loss: float | None = _f(None, "Stop when the loss (nats) is at or below this.")
     do_target_loss_sum: bool = _f(True, "target_loss applies to the summed loss (True) or to every completion.")
     target_loss_target_iters: int = _f(1, "Consecutive evaluations at or below target_loss needed to stop.")
+    satisfice: bool = _f(False, "Minimise (loss - target)^2 per completion (target: its own target loss, else "
+                                "target_loss): aim at the target instead of below it. Stops within eps of it.")
+    loss_reduction: str = _f("sum", "How the completion losses of an evaluation combine into the reported loss, "
+                                    "target_loss and the convergence test: 'sum' or 'mean' (e.g. over a minibatch).")
     # --- parameterisation
-    max_norm: float | None = _f(None, "Cap on the vector's L2 norm (projection after every step).")
+    max_norm: float | None = _f(None, "Cap on the vector's L2 norm (projection after every step); 0 with "
+                                "affine_rank learns the matrix alone.")
     starting_norm: float = _f(1.0, "L2 norm of the random initial vector.")
     starting_vec: torch.Tensor | None = _f(None, "Initial vector (d,) instead of a random one.", cli=False)
     vector_clamp: float | None = _f(None, "Clamp steering h - (h.v^)v^ + c v with c = vector_clamp.")
@@ -68,6 +73,11 @@ class OptimizeOptions:
     # --- noise
     noise_scale: float | None = _f(None, "Std of Gaussian noise added to the vector at every evaluation.")
     do_tangent_space_noise: bool = _f(True, "Remove the noise's component along the unsteered-loss gradient.")
+    do_noise_abl_relu: bool = _f(False, "Tangent noise: remove that component only where it points downhill "
+                                        "(the noise never lowers the loss to first order).")
+    noise_iters: int = _f(1, "Noise draws per step; the losses and gradients are averaged over them.")
+    do_antipgd: bool = _f(False, "Anti-correlated noise (Orvieto et al. 2022): the perturbation at step t is "
+                                 "xi_t - xi_{t-1}.")
     # --- regularisers (one vector per layer: optimize_vectors)
     regularization_weight: float = _f(0.0, "Weight of the L1 (or max-abs) penalty on every vector.")
     regularization_type: str = _f("l1", "'l1' or 'max'.")
@@ -82,10 +92,15 @@ class OptimizeOptions:
     output_constr_patience: int = _f(20, "Stop that phase after this many iterations without a smaller norm.")
     output_constr_norm_initial_scale: float = _f(1.0, "With a custom objective: keep the norm <= this x its "
                                                       "starting value.")
+    # --- reporting
+    return_vec_history: bool = _f(False, "Keep the parameters after every step (info['vec_history']).", cli=False)
+    debug: bool = _f(False, "Log every evaluation's losses and the stopping decisions at DEBUG level (logging "
+                            "module, logger 'steering_opt.loop').")
     # --- execution
     engine: str = _f("fast", "'fast' (cached, batched) or 'reference' (the naive algorithm).")
     max_batch_tokens: int = _f(16384, "Token budget of one forward/backward chunk (bounds memory).")
-    progress: bool | None = _f(None, "Show a progress bar (None: on in Jupyter, off elsewhere).", cli=False)
+    progress: bool | None = _f(None, "Show a progress bar (None: in Jupyter or a terminal; see "
+                               "STEERING_OPT_PROGRESS).", cli=False)
 
     def __post_init__(self) -> None:
         v = validate
@@ -95,11 +110,17 @@ class OptimizeOptions:
         v.seed("seed", self.seed)
         v.positive("coldness", self.coldness, allow_none=False)
         for flag in ("normalize_token_length", "only_hook_prompt", "do_one_minus", "do_target_loss_sum",
-                     "do_tangent_space_noise", "do_output_constr"):
+                     "do_tangent_space_noise", "do_output_constr", "satisfice", "do_noise_abl_relu", "do_antipgd",
+                     "return_vec_history", "debug"):
             v.boolean(flag, getattr(self, flag))
         v.real("target_loss", self.target_loss, allow_none=True, finite=False, unit=" (nats)")
         v.integer("target_loss_target_iters", self.target_loss_target_iters, 1)
-        v.positive("max_norm", self.max_norm)
+        v.choice("loss_reduction", self.loss_reduction, ("sum", "mean"))
+        v.integer("noise_iters", self.noise_iters, 1)
+        v.positive("max_norm", self.max_norm, allow_zero=True)
+        if self.max_norm == 0 and self.affine_rank is None:  # with affine_rank: matrix-only steering (v stays 0)
+            raise ValueError("`max_norm` must be positive for vector steering, got 0 (a zero vector steers nothing); "
+                             "max_norm=0 is accepted only with `affine_rank`, to learn the matrix alone")
         v.positive("starting_norm", self.starting_norm, allow_none=False)
         v.real("vector_clamp", self.vector_clamp, allow_none=True)
         rank = self.affine_rank

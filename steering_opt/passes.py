@@ -2,7 +2,9 @@
 
 Prompts are formatted (plain text, or a chat template with the generation prompt) and encoded with the tokenizer's
 special tokens, completions without, exactly as in training. Every pass runs whatever hooks are active on the model,
-so it measures the steered model when called under steering; none of them changes the model's state.
+so it measures the steered model when called under steering; none of them changes the model's state. Each reports
+its forward passes (a generation batch: ``max_new_tokens`` of them) to an enclosing progress bar that counts
+``"pass"`` (:func:`steering_opt.progress.advance`; :func:`planned_passes` is the plan).
 
 * :func:`generate_ids`: batched, left-padded, KV-cached generation (greedy or seeded sampling);
 * :func:`token_logprobs`: ``log p(y_t | x, y_<t)`` of every completion token (nats);
@@ -22,6 +24,7 @@ from torch import nn
 from . import arch
 from .data import encode
 from .hooks import pad_sequences, pad_token_id
+from .progress import advance
 
 __all__ = [
     "Prompt",
@@ -33,6 +36,7 @@ __all__ = [
     "length_batches",
     "mean_kl",
     "next_token_logprobs",
+    "planned_passes",
     "token_logprobs",
 ]
 
@@ -77,7 +81,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool) -> lis
     return ids
 
 
-def eos_token_ids(tokenizer: Any, model: nn.Module) -> list[int]:
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """Every end-of-sequence id the model's generation config, its config or the tokenizer names (sorted)."""
     ids: set[int] = set()
     for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
@@ -105,6 +109,14 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: in
     return out
 
 
+def planned_passes(lengths: Sequence[int], batch_size: int, *, generate: int = 0) -> int:
+    """The forward passes that :func:`token_logprobs` / :func:`next_token_logprobs` (``generate=0``) or
+    :func:`generate_ids` (``generate=max_new_tokens``) report for sequences of these ``lengths``."""
+    if generate:
+        return len(length_batches(lengths, batch_size)) * generate
+    return len(length_batches(lengths, batch_size, 2048))
+
+
 @torch.no_grad()
 def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
                   do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int,
@@ -114,7 +126,7 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], 
 
     arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
     pad = pad_token_id(tokenizer, model)
-    eos = eos_token_ids(tokenizer, model)
+    eos = eos_token_ids(model, tokenizer)
     dev = arch.input_device(model)
     cfg_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
                                       eos_token_id=eos or None, use_cache=True)
@@ -138,6 +150,7 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], 
                     toks = toks[:j]
                     break
             out[i] = toks
+        advance(max_new_tokens, "pass")
     return out
 
 
@@ -162,6 +175,7 @@ def token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int]
             lg = logits[r, p_len - 1: p_len - 1 + c_len].float()
             tgt = torch.tensor(pairs[i][1], device=lg.device)
             out[i] = torch.log_softmax(lg, -1).gather(-1, tgt[:, None])[:, 0].cpu()
+        advance(1, "pass")
     return out
 
 
@@ -181,6 +195,7 @@ def next_token_logprobs(model: nn.Module, tokenizer: Any, prompt_ids: list[list[
         for r, i in enumerate(idx):
             sl = slice(0, lengths[i]) if positions == "all" else slice(lengths[i] - 1, lengths[i])
             out[i] = torch.log_softmax(logits[r, sl].float(), -1).cpu()
+        advance(1, "pass")
     return out
 
 

@@ -71,6 +71,7 @@ from .codec import (
     vector_from_tensors,
     vector_to_tensors,
 )
+from .data import datapoints_sha256, describe_datapoints
 from .fsutil import atomic_write_dir, atomic_write_file, fsync_file, sha256_file, write_text_synced
 from .interop import (
     GGUF_ARCH,
@@ -93,6 +94,7 @@ __all__ = [
     "atomic_write_file",
     "check_compatible",
     "check_save_target",
+    "datapoints_sha256",
     "describe",
     "describe_datapoints",
     "export_gguf",
@@ -196,28 +198,6 @@ def _save_dir(target: Path, build: Callable[[Path], None]) -> Path:
 # ------------------------------------------------------------------------------------------- metadata
 
 
-def describe_datapoints(datapoints: Sequence[Any], max_prompts: int = 3, max_chars: int = 200) -> dict[str, Any]:
-    """A short JSON-able summary of training datapoints (``TrainingDatapoint`` or contrast pairs).
-
-    ``{"count", "src_completions", "dst_completions", "examples": [first prompts, truncated]}``.
-    """
-    src = sum(len(getattr(d, "src_completions", []) or []) for d in datapoints)
-    dst = sum(len(getattr(d, "dst_completions", []) or []) for d in datapoints)
-    examples = []
-    for d in list(datapoints)[:max_prompts]:
-        text = getattr(d, "prompt", None)
-        if text is None:
-            text = getattr(d, "positive", None)
-        if text is None and isinstance(d, (tuple, list)) and d:
-            text = d[0]
-        if isinstance(text, str):
-            examples.append(text if len(text) <= max_chars else text[: max_chars - 1] + "…")
-    out: dict[str, Any] = {"count": len(datapoints), "examples": examples}
-    if src or dst:
-        out.update(src_completions=src, dst_completions=dst)
-    return out
-
-
 def _fingerprint_of(model: nn.Module | None, vector: SteeringVector) -> dict[str, Any]:
     if model is not None:
         return _jsonable(arch.model_fingerprint(model), "model")
@@ -268,8 +248,14 @@ def save(
     *,
     model: nn.Module | None = None,
     metadata: Mapping[str, Any] | None = None,
+    datapoints: Sequence[Any] | None = None,
 ) -> Path:
     """Save a steering vector (or a ``{name: SteeringVector}`` set) atomically.
+
+    The saved metadata is the vector's own (for an optimised vector: ``method``, ``options``, ``iters``,
+    ``status``, ``loss``), plus ``final_loss`` / ``loss_units``, ``model`` (the fingerprint of ``model``, or
+    the one the vector records), ``datapoints`` (with ``datapoints=``), ``library_version``, ``created_at``
+    and ``saved_at``: the same entries ``steering-opt optimize`` records.
 
     Args:
         obj: a :class:`SteeringVector`, or a dict of them (saved as one set folder).
@@ -278,6 +264,8 @@ def save(
         model: the model the vector was made for; its fingerprint is recorded (otherwise the one in
             ``vector.metadata["model"]``, if any).
         metadata: extra JSON-able entries merged into the saved metadata (e.g. ``hyperparameters``).
+        datapoints: the training datapoints (or contrast pairs); recorded as :func:`describe_datapoints`
+            (count, sha256 of the contents, first prompts), not in full.
 
     Returns:
         The path written.
@@ -288,6 +276,11 @@ def save(
         FileExistsError: ``path`` exists and is not a steering_opt save.
     """
     path = Path(path)
+    if datapoints is not None:
+        if isinstance(datapoints, (str, bytes)) or not isinstance(datapoints, Sequence):
+            raise TypeError(f"save(): `datapoints` must be a list of datapoints or contrast pairs, got "
+                            f"{type(datapoints).__name__}")
+        metadata = {**(metadata or {}), "datapoints": describe_datapoints(datapoints)}
     if isinstance(obj, Mapping):
         return _save_set(obj, path, model=model, metadata=metadata)
     check_savable(obj)
@@ -550,8 +543,16 @@ def describe(vector: SteeringVector, indent: str = "") -> list[str]:
             lines.append(f"{indent}{label}: {m[key]}")
     if m.get("final_loss") is not None:
         lines.append(f"{indent}final loss: {m['final_loss']:.6g} {m.get('loss_units', 'nats')}")
-    if m.get("hyperparameters"):
-        hp = ", ".join(f"{k}={v}" for k, v in m["hyperparameters"].items() if v is not None)
+    if isinstance(m.get("multiplier"), (int, float)) and m.get("derived_from"):
+        lines.append(f"{indent}multiplier: {m['multiplier']:g} (baked into the vector)")
+    for origin in m.get("derived_from") or []:
+        if isinstance(origin, dict):
+            loss = origin.get("final_loss", origin.get("loss"))
+            lines.append(f"{indent}derived from: {origin.get('method') or 'a vector'}"
+                         + (f" (its final loss: {loss:.6g} nats)" if isinstance(loss, (int, float)) else ""))
+    settings = m.get("hyperparameters") or m.get("options")  # the CLI's flags, else the OptimizeOptions
+    if isinstance(settings, dict) and settings:
+        hp = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
         lines.append(f"{indent}hyper-parameters: {hp}")
     if m.get("datapoints"):
         lines.append(f"{indent}datapoints: {json.dumps(m['datapoints'], ensure_ascii=False)}")

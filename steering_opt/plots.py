@@ -4,11 +4,17 @@ matplotlib is an optional extra (``pip install "steering-opt[plot]"``) imported 
 made. Every function draws on ``ax`` if given, else on a new :class:`matplotlib.figure.Figure` that is
 not registered with pyplot (no global state, nothing to close, any backend); it returns the figure
 and, with ``save_path``, also writes it (PNG or any format matplotlib infers from the suffix).
-In Jupyter a returned figure displays as the cell's result.
+
+In Jupyter a returned figure displays once, as a PNG, as the cell's result: the new figures are a
+:class:`~matplotlib.figure.Figure` subclass with ``_repr_png_``, so no ``%matplotlib inline`` or pyplot is
+needed (with the inline backend active, its PNG formatter shows it instead, still once). With ``ax=``, the
+figure is yours: if pyplot made it, Jupyter already shows it at the end of the cell, so end the line with
+``;`` to avoid a second copy.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -28,14 +34,40 @@ __all__ = ["pca_project", "plot_layer_norms", "plot_loss_curve", "plot_pca", "pl
 _POS_COLOR, _NEG_COLOR, _VEC_COLOR = "tab:blue", "tab:red", "tab:green"
 
 
+_FIGURE_CLASS: Any = None
+
+
+def _notebook_figure() -> Any:
+    """``NotebookFigure``: a pyplot-free Figure that Jupyter displays as a PNG (``_repr_png_``), made on first use
+    so that matplotlib stays optional; reachable as ``steering_opt.plots.NotebookFigure`` (pickling)."""
+    global _FIGURE_CLASS
+    if _FIGURE_CLASS is None:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("steering_opt.plots needs matplotlib: pip install 'steering-opt[plot]'") from e
+
+        def _repr_png_(self: Any) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=100)
+            return buf.getvalue()
+
+        _FIGURE_CLASS = type("NotebookFigure", (Figure,), {"__module__": __name__, "_repr_png_": _repr_png_,
+                                                            "__doc__": "A Figure that Jupyter shows as a PNG."})
+    return _FIGURE_CLASS
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NotebookFigure":
+        return _notebook_figure()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _figure_and_ax(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("steering_opt.plots needs matplotlib: pip install 'steering-opt[plot]'") from e
+    cls = _notebook_figure()
     if ax is not None:
         return ax.figure, ax
-    fig = Figure(figsize=figsize, layout="constrained")
+    fig = cls(figsize=figsize, layout="constrained")
     return fig, fig.add_subplot()
 
 

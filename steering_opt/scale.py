@@ -22,8 +22,9 @@ from .data import TokenizedCompletion, TrainingDatapoint, tokenize_datapoints
 from .engine import FastEngine, Objective
 from .hooks import frozen_model
 from .loop import JobState, OptimizeResult, run_jobs
-from .optimize import initial_steering, make_generator, regularizer
+from .optimize import initial_steering, make_generator, provenance, regularizer
 from .options import OptimizeOptions
+from .progress import check_progress, overall
 
 __all__ = ["Job", "optimize_many"]
 
@@ -71,7 +72,7 @@ else:
     #: :class:`~steering_opt.options.OptimizeOptions` field except the output-constrained phase and the
     #: execution settings (``engine``, ``max_batch_tokens``, ``progress``: arguments of optimize_many), with
     #: the same default and meaning, checked when :func:`optimize_many` runs (errors name ``jobs[i]``).
-    #: ``name`` is copied to ``info['job']``.
+    #: ``info['job']`` is ``name``, or the job's index in ``jobs`` when it has none.
     Job = dataclasses.make_dataclass(
         "Job",
         [("datapoints", "Sequence[TrainingDatapoint]"), ("layer", "int | Sequence[int]")]
@@ -82,7 +83,7 @@ else:
     Job.__module__ = __name__
     Job.__doc__ = """One independent optimisation for :func:`optimize_many` (see the module docstring): the
     datapoints, the layer(s) and every :class:`~steering_opt.options.OptimizeOptions` field except the
-    output-constrained phase and the execution settings; ``name`` is copied to ``info['job']``."""
+    output-constrained phase and the execution settings; ``info['job']`` is ``name`` (or the job's index)."""
 
 
 def _checked(model: nn.Module, i: int, job: Any, d: int) -> tuple[OptimizeOptions, list[int], list[TrainingDatapoint]]:
@@ -101,13 +102,18 @@ def _checked(model: nn.Module, i: int, job: Any, d: int) -> tuple[OptimizeOption
 
 def optimize_many(
     model: nn.Module,
-    jobs: Sequence[Job],
-    *,
     tokenizer: Any = None,
+    jobs: Sequence[Job] | None = None,
+    /,
+    *,
     max_batch_tokens: int = 16384,
     progress: bool | None = None,
+    **keywords: Any,
 ) -> list[OptimizeResult]:
     """Run many independent steering optimisations, batching the ones that can share a pass.
+
+    ``optimize_many(model, tokenizer, jobs)``; the earlier form ``optimize_many(model, jobs, tokenizer=tokenizer)``
+    (and keywords ``tokenizer=`` / ``jobs=``) also work.
 
     Speed: the batch does the same arithmetic as the separate runs (batching saves per-pass overhead:
     kernel launches, Python, small-matrix inefficiency, lower-layer caching per call). On a GPU, where
@@ -116,23 +122,41 @@ def optimize_many(
 
     Args:
         model: a HF causal LM (left exactly as found: weights, hooks, ``requires_grad``, train/eval).
-        jobs: the jobs; see :class:`Job`. All are checked before any model work.
         tokenizer: the model's tokenizer (required).
+        jobs: the jobs; see :class:`Job`. All are checked before any model work.
         max_batch_tokens: token budget (rows × padded length) of one forward/backward chunk.
-        progress: a progress bar per group (default: on in Jupyter, off elsewhere).
+        progress: one bar over the loss evaluations (steps + 1) of all jobs, with an ETA: ``None`` (default)
+            when a person is watching (Jupyter, or stderr a terminal; ``STEERING_OPT_PROGRESS=0/1`` overrides),
+            ``True`` / ``False`` always / never. See :mod:`steering_opt.progress`.
 
     Returns:
         One :class:`~steering_opt.loop.OptimizeResult` per job, in job order. Each unpacks like
         ``optimize_vector``'s tuple: ``vector, info = result`` (``vector, matrix, info`` for affine
-        jobs); ``info['job']`` is the job's name when it has one.
+        jobs); ``info['job']`` is the job's ``name``, or its index in ``jobs`` when it has none.
 
     Raises:
         TypeError / ValueError: a malformed job (the message names ``jobs[i]`` and the field).
     """
+    unknown = sorted(set(keywords) - {"tokenizer", "jobs"})
+    if unknown:
+        raise TypeError(f"optimize_many() got an unexpected keyword argument {unknown[0]!r}")
+    if "jobs" in keywords and jobs is not None:
+        raise TypeError("optimize_many() got `jobs` twice (by position and by keyword)")
+    given: Any = keywords.get("jobs", jobs)
+    if given is None and isinstance(tokenizer, (Job, list, tuple)):  # optimize_many(model, jobs, tokenizer=tok)
+        given, tokenizer = tokenizer, None
+        if "tokenizer" not in keywords:
+            raise ValueError("`tokenizer` is required: optimize_many(model, tokenizer, jobs)")
+    if "tokenizer" in keywords:
+        if tokenizer is not None:
+            raise TypeError("optimize_many() got `tokenizer` twice (by position and by keyword)")
+        tokenizer = keywords["tokenizer"]
     validate.model(model)
-    if isinstance(jobs, Job) or not isinstance(jobs, (list, tuple)) or len(jobs) == 0:
-        raise ValueError(f"`jobs` must be a non-empty list of steering_opt.scale.Job, got {jobs!r:.80}")
+    if isinstance(given, Job) or not isinstance(given, (list, tuple)) or len(given) == 0:
+        raise ValueError(f"`jobs` must be a non-empty list of steering_opt.scale.Job, got {given!r:.80}")
+    jobs = list(given)
     validate.tokenizer(tokenizer)
+    check_progress(progress)
     validate.integer("max_batch_tokens", max_batch_tokens, 1)
     d = arch.hidden_size(model)
     checked = [_checked(model, i, job, d) for i, job in enumerate(jobs)]
@@ -152,7 +176,8 @@ def optimize_many(
         groups.setdefault(key, []).append(i)
 
     results: list[OptimizeResult | None] = [None] * len(jobs)
-    with frozen_model(model):
+    evals = sum(max(checked[i][0].step_cap for i in members) + 1 for members in groups.values())  # steps + 1
+    with frozen_model(model), overall(evals, "optimize_many", progress=progress, unit="eval") as bar:
         states: list[JobState] = []
         for i, (opts, layers, dps) in enumerate(checked):  # in job order: seed=None draws from torch's RNG
             gen = make_generator(opts.seed)
@@ -169,8 +194,12 @@ def optimize_many(
                 dp_offset += st.n_dp
             objective = Objective(coldness=key[1], do_one_minus=key[2], normalize_token_length=key[3])
             eng = FastEngine(model, seqs, list(key[0]), objective, max_batch_tokens=max_batch_tokens)
-            run_jobs(eng, group, progress=progress, desc=f"optimize_many L{list(key[0])}")
+            planned = bar.n + max(st.options.step_cap for st in group) + 1
+            run_jobs(eng, group, desc=f"optimize_many L{list(key[0])}")  # reports to the overall bar
+            bar.update(max(0, planned - bar.n))  # jobs that stopped early
             for i in members:
-                results[i] = states[i].result()
+                result = states[i].result(None if jobs[i].name is not None else {"job": i})
+                result.provenance = provenance(model, checked[i][2])
+                results[i] = result
                 states[i].opt = None  # free the optimiser state early
     return [r for r in results if r is not None]

@@ -46,6 +46,7 @@ from .hooks import capture_inputs, frozen_model
 from .optimize import optimize
 from .passes import Prompt, format_prompt
 from .plots import plot_success_vs_strength, plot_sweep_heatmap
+from .progress import check_progress, overall
 from .scorers import get_scorer
 from .vector import SteeringVector
 
@@ -232,8 +233,8 @@ class SweepResult:
             raise ValueError("the sweep measured no configuration")
         vec = self.vectors[(self.best["layer"], self.best["variant"])]
         out = vec * float(self.best["multiplier"])
-        out.metadata = {**vec.metadata, "sweep_choice": {k: self.best[k] for k in ("layer", "variant", "multiplier")},
-                        "criterion": self.criterion, "criterion_value": self.best.get("criterion")}
+        out.metadata.update(sweep_choice={k: self.best[k] for k in ("layer", "variant", "multiplier")},
+                            criterion=self.criterion, criterion_value=self.best.get("criterion"))
         return out
 
     def to_pandas(self) -> Any:
@@ -383,7 +384,9 @@ def sweep(
         time_budget_s: soft limit (s): no new (layer, variant) is started once the elapsed time plus
             the measured cost of one more would exceed it; at least one is always measured.
         seed: seeds the split and the optimiser.
-        progress: optimiser progress bars.
+        progress: one bar over the (layer, variant) configurations, with an ETA (the optimiser's and the
+            evaluator's own bars are folded into it): ``None`` (default) when a person is watching (Jupyter, or
+            stderr a terminal; ``STEERING_OPT_PROGRESS=0/1`` overrides), ``True`` / ``False`` always / never.
 
     Returns:
         A :class:`SweepResult`.
@@ -412,6 +415,7 @@ def sweep(
         raise ValueError(f"`time_budget_s` must be a positive number of seconds or None, got {time_budget_s!r}")
     if not isinstance(kl_weight, (int, float)) or kl_weight < 0:
         raise ValueError(f"`kl_weight` must be a non-negative number, got {kl_weight!r}")
+    check_progress(progress)
     scorer_fn = get_scorer(scorer) if scorer is not None else None
     if criterion == "auto":
         criterion = "fluent_success" if scorer_fn is not None else "margin"
@@ -458,39 +462,42 @@ def sweep(
     notes: list[str] = []
     configs = [(layer, name, opts) for layer in layer_list for name, opts in _variants(norms, clamp_list)]
     cost: float | None = None
-    for k, (layer, name, opts) in enumerate(configs):
-        elapsed = time.perf_counter() - start
-        if time_budget_s is not None and k > 0 and cost is not None and elapsed + cost > time_budget_s:
-            notes.append(f"time budget ({time_budget_s:g} s) reached: measured {k} of {len(configs)} "
-                         f"(layer, variant) configurations")
-            break
-        t0 = time.perf_counter()
-        info: dict[str, Any] = {}
-        if method == "optimize":
-            result = optimize(model, tokenizer, train_items, layer, progress=progress, **{**opt_kwargs, **opts})
-            v, info = result.vector, result.info
-            vec = SteeringVector.from_optimization(v, info, layer, clamp=opts.get("vector_clamp"),
-                                                   metadata={"variant": name})
-        elif isinstance(method, str):  # "contrastive" (checked above)
-            vec = _cap(_contrastive_vector(model, tokenizer, train_items, layer, dict(contrastive_kwargs or {})),
-                       opts)
-        else:
-            vec = method(model, tokenizer, train_items, layer, **opts)
-            if not isinstance(vec, SteeringVector):
-                raise TypeError(f"`method` must return a SteeringVector, got {type(vec).__name__}")
-        build_s = time.perf_counter() - t0
-        vectors[(layer, name)] = vec
-        for m in mults:
-            res = ev.evaluate(vec, m, label=f"{name}@{layer}")
-            row: dict[str, Any] = {"layer": layer, "variant": name, "multiplier": float(m),
-                                   "norm": float(vec.layer_activations[layer].norm()),
-                                   "train_loss": info.get("loss") if isinstance(info.get("loss"), float) else None,
-                                   "build_s": build_s, **res.summary}
-            if row.get("margin_gain") is not None:
-                row["margin_gain_per_token"] = row["margin_gain"] / mean_comp_tokens
-            row["criterion"] = crit_fn(row)
-            table.append(row)
-        cost = time.perf_counter() - t0 if cost is None else max(cost, time.perf_counter() - t0)
+    with overall(len(configs), "sweep", progress=progress, unit="config") as bar:
+        for k, (layer, name, opts) in enumerate(configs):
+            elapsed = time.perf_counter() - start
+            if time_budget_s is not None and k > 0 and cost is not None and elapsed + cost > time_budget_s:
+                notes.append(f"time budget ({time_budget_s:g} s) reached: measured {k} of {len(configs)} "
+                             f"(layer, variant) configurations")
+                break
+            bar.set_postfix(f"layer {layer}, {name}")
+            t0 = time.perf_counter()
+            info: dict[str, Any] = {}
+            if method == "optimize":
+                result = optimize(model, tokenizer, train_items, layer, **{**opt_kwargs, **opts})
+                v, info = result.vector, result.info
+                vec = SteeringVector.from_optimization(v, info, layer, clamp=opts.get("vector_clamp"),
+                                                       metadata={"variant": name})
+            elif isinstance(method, str):  # "contrastive" (checked above)
+                vec = _cap(_contrastive_vector(model, tokenizer, train_items, layer, dict(contrastive_kwargs or {})),
+                           opts)
+            else:
+                vec = method(model, tokenizer, train_items, layer, **opts)
+                if not isinstance(vec, SteeringVector):
+                    raise TypeError(f"`method` must return a SteeringVector, got {type(vec).__name__}")
+            build_s = time.perf_counter() - t0
+            vectors[(layer, name)] = vec
+            for m in mults:
+                res = ev.evaluate(vec, m, label=f"{name}@{layer}")
+                row: dict[str, Any] = {"layer": layer, "variant": name, "multiplier": float(m),
+                                       "norm": float(vec.layer_activations[layer].norm()),
+                                       "train_loss": info.get("loss") if isinstance(info.get("loss"), float) else None,
+                                       "build_s": build_s, **res.summary}
+                if row.get("margin_gain") is not None:
+                    row["margin_gain_per_token"] = row["margin_gain"] / mean_comp_tokens
+                row["criterion"] = crit_fn(row)
+                table.append(row)
+            cost = time.perf_counter() - t0 if cost is None else max(cost, time.perf_counter() - t0)
+            bar.update(1)
     best = max(table, key=_rank_key) if table else None
     base = ev.baseline()
     baseline: dict[str, float | None] = {"success_rate": None, "fluent_success_rate": None}
@@ -546,7 +553,10 @@ def auto_steer(
             (``None`` = no cap).
         kl_weight, neutral_prompts: the KL penalty.
         optimize_kwargs: extra :func:`~steering_opt.optimize.optimize` options (default: lr 0.1, 30 steps).
-        seed, progress: optimiser seed and progress bars.
+        seed: the optimiser's seed.
+        progress: one bar over the configurations ("configuration k/N": layer × norm cap in the first stage,
+            then those judged by generation), with an ETA: ``None`` (default) when a person is watching
+            (Jupyter, or stderr a terminal; ``STEERING_OPT_PROGRESS=0/1`` overrides), ``True`` / ``False``.
 
     Returns:
         ``(steering, report)``: the chosen :class:`SteeringVector` already scaled by its strength (apply
@@ -563,6 +573,7 @@ def auto_steer(
     if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
         raise ValueError(f"`time_budget_s` must be a positive number of seconds or None, got {time_budget_s!r}")
     fracs = _check_numbers("norm_fractions", norm_fractions, allow_none=True, positive=True)
+    check_progress(progress)
     scorer_fn = get_scorer(scorer) if scorer is not None else None
     start = time.perf_counter()
     layer_list = _default_layers(model) if layers is None else [
@@ -579,52 +590,55 @@ def auto_steer(
     table: list[dict[str, Any]] = []
     vectors: dict[tuple[int, str], SteeringVector] = {}
     notes: list[str] = []
-    for i, layer in enumerate(layer_list):
-        used = time.perf_counter() - start
-        if stage1_budget is not None and i > 0:
-            per_layer = used / i
-            if used + per_layer > stage1_budget:
-                notes.append(f"time budget: measured {i} of {len(layer_list)} candidate layers")
-                break
-        caps = [None if f is None else f * norms_at[layer] for f in fracs]
-        res = sweep(model, tokenizer, list(datapoints), layers=[layer], multipliers=multipliers, max_norms=caps,
-                    validation_prompts=val, chat=chat, criterion="margin", kl_weight=kl_weight,
-                    neutral_prompts=neutral_prompts, generate=False, optimize_kwargs=optimize_kwargs, seed=seed,
-                    progress=progress)
-        for row in res.table:
-            frac = next((f for f, c in zip(fracs, caps) if (c is None and row["variant"] == "additive") or
-                         (c is not None and row["variant"] == f"max_norm={c:g}")), None)
-            row["norm_fraction"] = frac
-        table.extend(res.table)
-        vectors.update(res.vectors)
-    criterion = "margin"
-    if scorer_fn is not None and table:
-        # stage 2: generate on the validation prompts for the best configurations by the signal
-        criterion = "fluent_success"
-        ev = Evaluator(model, tokenizer, val, scorer=scorer_fn, neutral_prompts=None, chat=chat, generate=True,
-                       max_new_tokens=32)
-        ev.baseline()
-        ranked = sorted(table, key=_rank_key, reverse=True)
-        judged = 0
-        t_stage2 = time.perf_counter()
-        for row in ranked[:6]:
-            if time_budget_s is not None and judged > 0:
-                per = (time.perf_counter() - t_stage2) / judged
-                if time.perf_counter() - start + per > time_budget_s:
-                    notes.append(f"time budget: judged {judged} configurations by generation")
+    n_stage2 = 6 if scorer_fn is not None else 0
+    with overall(len(layer_list) * len(fracs) + n_stage2, "auto_steer", progress=progress, unit="config") as bar:
+        for i, layer in enumerate(layer_list):
+            used = time.perf_counter() - start
+            if stage1_budget is not None and i > 0:
+                per_layer = used / i
+                if used + per_layer > stage1_budget:
+                    notes.append(f"time budget: measured {i} of {len(layer_list)} candidate layers")
                     break
-            r = ev.evaluate(vectors[(row["layer"], row["variant"])], row["multiplier"])
-            for key in ("success_rate", "fluent_success_rate", "distinct2", "perplexity"):
-                row[key] = r.summary[key]
-            row["signal"] = row["criterion"]
-            judged += 1
-        for row in table:
-            row.setdefault("signal", row["criterion"])
-            row["criterion"] = row.get("fluent_success_rate")
-        best = max((r for r in table if r.get("fluent_success_rate") is not None),
-                   key=lambda r: (r["fluent_success_rate"], r["signal"]))
-    else:
-        best = max(table, key=_rank_key)
+            caps = [None if f is None else f * norms_at[layer] for f in fracs]
+            res = sweep(model, tokenizer, list(datapoints), layers=[layer], multipliers=multipliers, max_norms=caps,
+                        validation_prompts=val, chat=chat, criterion="margin", kl_weight=kl_weight,
+                        neutral_prompts=neutral_prompts, generate=False, optimize_kwargs=optimize_kwargs, seed=seed)
+            for row in res.table:
+                frac = next((f for f, c in zip(fracs, caps) if (c is None and row["variant"] == "additive") or
+                             (c is not None and row["variant"] == f"max_norm={c:g}")), None)
+                row["norm_fraction"] = frac
+            table.extend(res.table)
+            vectors.update(res.vectors)
+        criterion = "margin"
+        if scorer_fn is not None and table:
+            # stage 2: generate on the validation prompts for the best configurations by the signal
+            criterion = "fluent_success"
+            ev = Evaluator(model, tokenizer, val, scorer=scorer_fn, neutral_prompts=None, chat=chat, generate=True,
+                           max_new_tokens=32)
+            ev.baseline()
+            ranked = sorted(table, key=_rank_key, reverse=True)
+            bar.set_total(bar.n + min(len(ranked), 6))
+            judged = 0
+            t_stage2 = time.perf_counter()
+            for row in ranked[:6]:
+                if time_budget_s is not None and judged > 0:
+                    per = (time.perf_counter() - t_stage2) / judged
+                    if time.perf_counter() - start + per > time_budget_s:
+                        notes.append(f"time budget: judged {judged} configurations by generation")
+                        break
+                r = ev.evaluate(vectors[(row["layer"], row["variant"])], row["multiplier"])
+                for key in ("success_rate", "fluent_success_rate", "distinct2", "perplexity"):
+                    row[key] = r.summary[key]
+                row["signal"] = row["criterion"]
+                judged += 1
+                bar.update(1)
+            for row in table:
+                row.setdefault("signal", row["criterion"])
+                row["criterion"] = row.get("fluent_success_rate")
+            best = max((r for r in table if r.get("fluent_success_rate") is not None),
+                       key=lambda r: (r["fluent_success_rate"], r["signal"]))
+        else:
+            best = max(table, key=_rank_key)
     report = SweepResult(table=table, best=best, criterion=criterion, vectors=vectors, validation_prompts=val,
                          chat=chat, notes=notes, time_s=time.perf_counter() - start)
     steering = report.best_steering()

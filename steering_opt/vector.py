@@ -216,26 +216,27 @@ class SteeringVector:
         acts = {k: v.clone() for k, v in self.layer_activations.items()}
         for k, v in other.layer_activations.items():
             acts[k] = acts[k] + v.to(acts[k]) if k in acts else v.clone()
-        return SteeringVector(acts, self.layer_type, metadata={"method": "sum"})
+        return SteeringVector(acts, self.layer_type, metadata=derived_metadata("sum", [self, other]))
 
     def __radd__(self, other: Any) -> SteeringVector:
         if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
-            return self * 1.0  # so that sum([v1, v2, ...]) works
+            return dataclasses.replace(self * 1.0, metadata=dict(self.metadata))  # so that sum([v1, ...]) works
         return NotImplemented
 
     def __mul__(self, scale: float) -> SteeringVector:
         """Scale the vector (and an affine map's ``left`` factors): ``(v * k).apply(m)`` steers exactly like
-        ``v.apply(m, multiplier=k)``."""
+        ``v.apply(m, multiplier=k)``. The result's metadata says it is derived (:func:`derived_metadata`)."""
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             return NotImplemented
         scale = float(scale)
+        meta = derived_metadata("negated" if scale == -1.0 else "scaled", [self], multiplier=scale)
         if self.custom is not None:
             custom = {k: p.scaled(scale) for k, p in self.custom.items()}
             return dataclasses.replace(self, layer_activations={k: p.vector for k, p in custom.items()},
-                                       custom=custom, metadata=dict(self.metadata))
+                                       custom=custom, metadata=meta)
         affine = None if self.affine is None else {k: (a * scale, b.clone()) for k, (a, b) in self.affine.items()}
         return dataclasses.replace(self, layer_activations={k: v * scale for k, v in self.layer_activations.items()},
-                                   affine=affine, metadata=dict(self.metadata))
+                                   affine=affine, metadata=meta)
 
     __rmul__ = __mul__
 
@@ -261,11 +262,12 @@ class SteeringVector:
 
     # ------------------------------------------------------------------ persistence (see persist.py)
     def save_pretrained(self, path: Any, *, model: nn.Module | None = None,
-                        metadata: dict[str, Any] | None = None) -> Any:
-        """Save atomically to a folder (or a ``.safetensors`` file); see :func:`steering_opt.persist.save`."""
+                        metadata: dict[str, Any] | None = None, datapoints: Sequence[Any] | None = None) -> Any:
+        """Save atomically to a folder (or a ``.safetensors`` file), recording the model's fingerprint (with
+        ``model=``) and a summary of the ``datapoints``; see :func:`steering_opt.persist.save`."""
         from .persist import save
 
-        return save(self, path, model=model, metadata=metadata)
+        return save(self, path, model=model, metadata=metadata, datapoints=datapoints)
 
     @classmethod
     def from_pretrained(cls, path: Any, *, model: nn.Module | None = None, allow_mismatch: bool = False,
@@ -330,15 +332,21 @@ class SteeringVector:
 
         Arguments as in :meth:`apply`. Everything is checked, and every module located, before the first
         hook is registered; if registration fails half-way the hooks already added are removed.
+
+        The hooks act on the forward passes of every thread until ``.remove()`` is called (a persistent,
+        process-wide patch). For steering limited to the calling thread, use :meth:`apply`.
         """
         return attach(self.hook_specs(model, multiplier, min_token_index, token_indices, operator, layer_config,
-                                      injection_mode=injection_mode))
+                                      injection_mode=injection_mode), scope="global")
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, multiplier: Multiplier = 1.0, min_token_index: int = 0,
               token_indices: TokenIndices = None, operator: Operator | None = None,
               layer_config: SiteConfig = None, *, injection_mode: str = "all") -> Iterator[SteeringVector]:
         """Context manager: steer ``model`` inside the block; hooks are always removed on exit.
+
+        Steering inside the block acts only on forward passes run by the thread that entered it; other threads
+        using the same model are not steered. To steer every thread, use :meth:`patch`.
 
         Token selection (all criteria combine with AND; positions are the model's ``position_ids``, so
         with left padding under ``generate`` they count from each row's first real token):
@@ -363,8 +371,8 @@ class SteeringVector:
                 generated tokens). Generation is recognised identically with a KV cache and without one
                 (``use_cache=False``), so the same tokens are steered: see :class:`SequenceTracker`.
         """
-        handle = self.patch(model, multiplier, min_token_index, token_indices, operator, layer_config,
-                            injection_mode=injection_mode)
+        handle = attach(self.hook_specs(model, multiplier, min_token_index, token_indices, operator, layer_config,
+                                        injection_mode=injection_mode))
         try:
             yield self
         finally:
@@ -372,6 +380,41 @@ class SteeringVector:
 
 
 # ------------------------------------------------------------------------------ sites
+
+
+#: Metadata of a vector that belongs to the file or the model rather than to how the vector was made.
+_NOT_PROVENANCE = ("model", "library_version", "saved_at")
+#: ``method`` of the vectors :meth:`SteeringVector.__mul__` (and ``__neg__``) return.
+_SCALING = ("scaled", "negated")
+
+
+def derived_metadata(operation: str, sources: Sequence[SteeringVector], **details: Any) -> dict[str, Any]:
+    """The metadata of a vector computed from ``sources`` (``operation``: ``"scaled"``, ``"negated"``,
+    ``"sum"``, ...): ``method`` is the operation, ``details`` (e.g. ``multiplier``) are recorded, and each
+    source's own metadata (how it was made: method, options, datapoints, final loss, ...) is kept under
+    ``derived_from`` instead of as the new vector's own, so a scaled vector never claims its source's final
+    loss. The model fingerprint (``model``) is kept when every source records the same one; scaling a scaled
+    vector multiplies the multipliers instead of nesting."""
+    meta: dict[str, Any] = {"method": operation, **details}
+    origins: list[dict[str, Any]] = []
+    for src in sources:
+        m = src.metadata
+        if operation in _SCALING and m.get("method") in _SCALING and isinstance(m.get("multiplier"), (int, float)) \
+                and isinstance(m.get("derived_from"), list):
+            meta["multiplier"] = float(m["multiplier"]) * float(details.get("multiplier", 1.0))
+            meta["method"] = "negated" if meta["multiplier"] == -1.0 else "scaled"
+            origins.extend(m["derived_from"])
+        else:
+            origins.append({k: v for k, v in m.items() if k not in _NOT_PROVENANCE})
+    models = [src.metadata.get("model") for src in sources]
+    if models and models[0] is not None and all(x == models[0] for x in models):
+        meta["model"] = models[0]
+    else:
+        for origin, model in zip(origins, models):
+            if model is not None:
+                origin["model"] = model
+    meta["derived_from"] = origins
+    return meta
 
 
 def resolve_site_module(model: nn.Module, layer: int, layer_type: str = "decoder_block",

@@ -1,5 +1,5 @@
-"""The ``steering-opt`` subcommands end to end (optimize, train, generate, sweep, export, info), their error
-paths, and the JSONL schemas they read (steering_opt.jsonl).
+"""The ``steering-opt`` subcommands end to end (optimize, train, generate, evaluate, sweep, auto-steer, export,
+info), their error paths and suggestions, and the JSONL schemas they read (steering_opt.jsonl).
 
 Most tests run ``main([...])`` in-process on a tiny random Llama saved (with the SmolLM2 tokenizer) to a
 temporary folder and passed as ``--model``; two run on the embedded model (marked ``embedded``), and one
@@ -80,12 +80,18 @@ def run_ok(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return out
 
 
+def error_lines(err: str) -> list[str]:
+    """stderr without the ``loading MODEL ...`` announcement that precedes loading a model."""
+    return [line for line in err.strip().splitlines() if not line.startswith("loading ")]
+
+
 def run_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """A user error: exit 2, exactly one line on stderr, no traceback; returns that line."""
+    """A user error: exit 2, exactly one line on stderr (besides the model announcement), no traceback; returns
+    that line."""
     code, out, err = run(capsys, *argv)
     assert code == 2, (out, err)
     assert "Traceback" not in err
-    lines = err.strip().splitlines()
+    lines = error_lines(err)
     assert len(lines) == 1, err
     return lines[0]
 
@@ -150,7 +156,6 @@ def test_optimize_kinds_and_options(capsys, model_dir: Path, data_dir: Path, loa
 @pytest.mark.parametrize("aggregator", ["mean", "pca", "logistic"])
 def test_train_from_pairs(capsys, model_dir: Path, data_dir: Path, loaded, tmp_path: Path, aggregator: str) -> None:
     from steering_opt import contrastive
-    from steering_opt.compat.steering_vectors import train_steering_vector
 
     out = run_ok(capsys, "train", "--model", model_dir, "--pairs", data_dir / "pairs.jsonl", "--layer", "1", "3",
                  "--aggregator", aggregator, "--out", tmp_path / "t")
@@ -160,8 +165,9 @@ def test_train_from_pairs(capsys, model_dir: Path, data_dir: Path, loaded, tmp_p
     assert vec.layers == [1, 3]
     assert vec.metadata["hyperparameters"]["aggregator"] == aggregator
     agg = getattr(contrastive, f"{aggregator}_aggregator")()
-    ref = train_steering_vector(model, tok, so.load_contrast_pairs(data_dir / "pairs.jsonl"),
-                               layers=[1, 3], aggregator=agg)
+    # the command is the native contrastive_vector (steering_opt's layer numbering)
+    ref = contrastive.contrastive_vector(model, tok, so.load_contrast_pairs(data_dir / "pairs.jsonl"), [1, 3],
+                                        aggregator=agg)
     for layer in (1, 3):
         assert torch.equal(vec.layer_activations[layer], ref.layer_activations[layer])
 
@@ -189,6 +195,11 @@ def test_generate_with_two_vectors_and_multipliers(capsys, model_dir: Path, load
             ids = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
+    for row in rows:  # what produced each line
+        assert row["steering"] == [{"vector": str(tmp_path / "a"), "multiplier": 2.0, "method": None},
+                                   {"vector": f"{tmp_path / 'set'} [b]", "multiplier": 1.0, "method": None}]
+        assert row["settings"]["model"] == str(model_dir) and row["settings"]["max_new_tokens"] == 6
+        assert row["settings"]["temperature"] == 0.0 and row["settings"]["chat"] is False
     for row in rows:
         assert row["unsteered"] == greedy(row["prompt"])
         with a.apply(model, multiplier=2.0), b.apply(model):
@@ -239,6 +250,101 @@ def test_sweep_table_heatmap_and_recommendation(capsys, model_dir: Path, data_di
     torch.testing.assert_close(best.layer_activations[layer], ref.best_steering().layer_activations[layer])
     saved = so.load(tmp_path / "sw" / "vectors" / "layer_3")
     assert float(saved.layer_activations[3].norm()) == pytest.approx(float(rows[4]["norm"]))
+
+
+# ---------------------------------------------------------------------------------- evaluate / auto-steer
+
+
+def test_evaluate_prints_a_table_and_matches_the_library(capsys, model_dir: Path, loaded, tmp_path: Path) -> None:
+    model, tok = loaded
+    vec = so.SteeringVector({1: torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))})
+    so.save(vec, tmp_path / "v", model=model)
+    out = run_ok(capsys, "evaluate", "--model", model_dir, "--vector", tmp_path / "v", "3", "--prompt", "Hello",
+                 "--prompt", "The capital of", "--promote", " Paris", "--suppress", " London", "--max-new-tokens",
+                 "4", "--scorer", "keywords:Paris", "--output", tmp_path / "eval.json")
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    ref = so.evaluate(model, tok, [(vec, 3.0)], ["Hello", "The capital of"], promote=[" Paris"],
+                      suppress=[" London"], max_new_tokens=4, scorer="keywords:Paris")
+    assert doc["steering"] == [{"vector": str(tmp_path / "v"), "multiplier": 3.0}]
+    for key in ("kl", "margin_gain", "perplexity", "success_rate", "distinct2"):
+        assert doc["summary"][key] == pytest.approx(ref.summary[key], rel=1e-4, abs=1e-6), key
+    assert [r["steered"] for r in doc["records"]] == [r["steered"] for r in ref.records]
+    table = out.split("metric", 1)[1]
+    assert "KL on neutral prompts" in table and f"{ref.summary['margin_gain']:.4g}" in table
+    assert "success rate" in table and "steered: " in out  # the per-prompt texts
+
+
+def test_auto_steer_saves_the_library_choice(capsys, model_dir: Path, data_dir: Path, loaded,
+                                            tmp_path: Path) -> None:
+    from steering_opt.sweep import auto_steer
+
+    out = run_ok(capsys, "auto-steer", "--model", model_dir, "--datapoints", data_dir / "dps.jsonl", "--layers",
+                 "1", "2", "--strengths", "1", "2", "--max-iters", "2", "--out", tmp_path / "v", "--output",
+                 tmp_path / "report.json")
+    model, tok = loaded
+    ref_vec, ref = auto_steer(model, tok, so.load_datapoints(data_dir / "dps.jsonl"), layers=[1, 2],
+                              multipliers=[1, 2], optimize_kwargs={"max_iters": 2})
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert (doc["best"]["layer"], doc["best"]["multiplier"]) == (ref.best["layer"], ref.best["multiplier"])
+    assert len(doc["rows"]) == 4 and doc["criterion"] == "margin"
+    vec = so.load(tmp_path / "v", model=model)
+    layer = ref.best["layer"]
+    torch.testing.assert_close(vec.layer_activations[layer], ref_vec.layer_activations[layer])
+    assert vec.metadata["model"]["name_or_path"] == str(model_dir) and vec.metadata["datapoints"]["count"] == 2
+    assert f"Chosen by margin (higher is better): layer {layer}" in out and "| layer | variant |" in out
+
+
+# ------------------------------------------------------------------------------------ first five minutes
+
+
+def test_optimize_defaults_are_the_recipe_and_the_budget_is_printed(capsys, model_dir: Path, data_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    code, out, err = run(capsys, "optimize", "--model", model_dir, "--datapoints", data_dir / "dps.jsonl",
+                         "--layer", "1", "--no-plot", "--out", tmp_path / "v")
+    assert code == 0, err
+    assert f"loading {model_dir} ..." in err  # says what it loads, without -v
+    budget = out.splitlines()[0]
+    assert budget.startswith("Optimising on 2 datapoint(s) at layer(s) [1]: 30 steps of Adam at lr 0.1")
+    assert "30 steps, loss" in out
+    options = so.load(tmp_path / "v").metadata["options"]
+    assert options["lr"] == 0.1 and options["max_iters"] == 30
+    out = run_ok(capsys, "optimize", "--model", model_dir, "--datapoints", data_dir / "dps.jsonl", "--layer", "1",
+                 "--target-loss", "1000", "--no-plot", "--out", tmp_path / "t")
+    assert "until the loss is <= 1000 nats, at most 1000 steps" in out
+    assert so.load(tmp_path / "t").metadata["options"]["max_iters"] is None
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["optimize", "--max-iterz", "3"], "unrecognized argument --max-iterz (did you mean --max-iters?)"),
+    (["generate", "--prompt", "x", "--outptu", "f"], "(did you mean --output?)"),
+    (["optimze"], "invalid choice: 'optimze'"),
+    (["auto-ster"], "(did you mean auto-steer?)"),
+    (["train", "--pairs", "p", "--out", "o", "--aggregator", "meen"], "(did you mean mean?)"),
+])
+def test_mistyped_options_and_commands_get_a_suggestion(capsys, argv: list, needle: str) -> None:
+    assert needle in run_error(capsys, *argv)
+
+
+def test_version_and_a_description_for_every_subcommand(capsys) -> None:
+    from steering_opt.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"steering-opt {so.__version__}"
+    commands = build_parser().commands
+    assert {"optimize", "train", "generate", "evaluate", "sweep", "auto-steer", "export", "info",
+            "demo"} <= set(commands)
+    for name, parser in commands.items():
+        assert parser.description and len(parser.description) > 40, name
+
+
+def test_help_imports_neither_torch_nor_transformers() -> None:
+    code = ("import sys, contextlib, io\nfrom steering_opt.cli import main\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    main(['--help'])\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------- export / info
@@ -376,7 +482,7 @@ def test_help_lists_every_subcommand(capsys) -> None:
         main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for cmd in ("optimize", "train", "generate", "sweep", "export", "info", "demo"):
+    for cmd in ("optimize", "train", "generate", "evaluate", "sweep", "auto-steer", "export", "info", "demo"):
         assert cmd in text
 
 

@@ -12,7 +12,6 @@ from conftest import ARCHS, make_tiny_model
 
 from steering_opt import arch
 from steering_opt.compat.rotalabs_steer import ActivationHook
-from steering_opt.compat.steering_vectors import train_steering_vector
 from steering_opt.contrastive import (
     ContrastPair,
     ablation_operator,
@@ -25,6 +24,7 @@ from steering_opt.contrastive import (
     pca_aggregator,
     projection_operator,
     tokenize_text,
+    train_steering_vector,
 )
 from steering_opt.vector import SteeringVector
 

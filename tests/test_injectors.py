@@ -16,8 +16,7 @@ from steering_opt.compat.rotalabs_steer import (
     MultiVectorInjector,
     generate_with_steering,
 )
-from steering_opt.compat.steering_vectors import train_steering_vector
-from steering_opt.contrastive import ablation_operator
+from steering_opt.contrastive import ablation_operator, train_steering_vector
 from steering_opt.vector import SteeringVector
 
 D = 64

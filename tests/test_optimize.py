@@ -651,10 +651,11 @@ def test_minibatch_cycles_through_the_prompts(model, tokenizer, monkeypatch):
     expected = [[d * per_dp + k for d in batches[i % 3] for k in range(per_dp)] for i in range(5)]
     assert [list(s) for s in subsets] == expected
     assert info["iters"] == 4 and len(info["loss_history"]) == 5
-    # the first evaluation is the first minibatch's summed loss at the starting vector
+    # the first evaluation is the first minibatch's loss at the starting vector, averaged over its
+    # (prompt, completion) pairs as llm-steering-opt reports it
     start, _ = so.optimize_vector_minibatch_hf(model, tokenizer, PROMPTS, LAYER, max_iters=0, **kw)
     hand = sum(float(slow_loss(model, enc(tokenizer, p, True), enc(tokenizer, c, False), kind, {LAYER: start}))
-               for p in PROMPTS[:2] for kind, c in ((SRC, " no"), (DST, " yes sir")))
+               for p in PROMPTS[:2] for kind, c in ((SRC, " no"), (DST, " yes sir"))) / 4
     assert info["loss_history"][0] == pytest.approx(hand, rel=1e-5)
     assert float((vec - start).norm()) > 1e-4
 

@@ -13,8 +13,7 @@ import torch
 matplotlib.use("Agg")
 
 import steering_opt as so  # noqa: E402
-from steering_opt.compat.steering_vectors import train_steering_vector  # noqa: E402
-from steering_opt.contrastive import extract_activations  # noqa: E402
+from steering_opt.contrastive import contrastive_vector, extract_activations  # noqa: E402
 from steering_opt.plots import pca_project, plot_layer_norms, plot_loss_curve, plot_pca  # noqa: E402
 from steering_opt.vector import SteeringVector  # noqa: E402
 
@@ -44,7 +43,7 @@ def test_pca_project_equals_hand_pca():
 
 def test_plot_pca_for_both_kinds_of_vector(tiny_llama, tokenizer, tmp_path):
     pos, neg = extract_activations(tiny_llama, tokenizer, PAIRS, layers=[1, 2])
-    caa = train_steering_vector(tiny_llama, tokenizer, PAIRS, layers=[1, 2])
+    caa = contrastive_vector(tiny_llama, tokenizer, PAIRS, layers=[1, 2])
     dp = so.TrainingDatapoint("The cat sat on the", src_completions=[" mat"], dst_completions=[" roof"])
     v, info = so.optimize_vector(tiny_llama, [dp], 2, tokenizer=tokenizer, max_iters=2, lr=0.5, seed=0)
     opt = SteeringVector.from_optimization(v, info, 2)
@@ -93,7 +92,7 @@ def test_loss_curve_and_layer_norms_from_optimiser_info(tiny_llama, tokenizer, t
     assert (tmp_path / "norms.png").read_bytes()[:8] == PNG_MAGIC
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == pytest.approx([info2["norms"][k] for k in (0, 1, 2)])
-    caa = train_steering_vector(tiny_llama, tokenizer, PAIRS, layers=[1, 3])
+    caa = contrastive_vector(tiny_llama, tokenizer, PAIRS, layers=[1, 3])
     fig = plot_layer_norms({"optimised": info2, "CAA": caa})
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1", "2", "3"]
     assert len(fig.axes[0].patches) == 5

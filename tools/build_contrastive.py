@@ -14,6 +14,9 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbclean import clean_outputs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "contrastive.ipynb"
 
@@ -35,8 +38,7 @@ arithmetic and plots.
 
 Layer convention: layer `L` means the residual stream *entering* block `L` (`hidden_states[L]`), both when
 reading activations and when steering. (steering-vectors reads block *outputs*: its layer `L` is our `L + 1`.)"""),
-    ("code", """%matplotlib inline
-import torch
+    ("code", """import torch
 import steering_opt as so
 
 torch.manual_seed(0)
@@ -161,7 +163,7 @@ requests and cap the norm at the CAA vector's norm. `SteeringVector.from_optimiz
     ("code", """caa = so.SteeringVector({LAYER: caa_all.layer_activations[LAYER]}, metadata={"method": "CAA"})
 datapoints = [so.TrainingDatapoint(prompt_text(q), dst_completions=[p], src_completions=[d]) for q, p, d in train[:3]]
 vector, info = so.optimize_vector(model, datapoints, LAYER, tokenizer=tok, max_iters=15, lr=0.2, seed=0,
-                                  max_norm=caa.layer_activations[LAYER].norm().item(), progress=False)
+                                  max_norm=caa.layer_activations[LAYER].norm().item())
 opt = so.SteeringVector.from_optimization(vector, info, LAYER)
 print(opt, "| final loss", round(info["loss"], 2), "nats")
 so.plot_loss_curve(info, title="optimize_vector loss (nats)")"""),
@@ -215,6 +217,7 @@ def build(execute: bool = True, path: Path = NOTEBOOK, timeout: int = 600) -> Pa
     if execute:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by torch in the kernel: 2 shared cores
         NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        clean_outputs(nb)  # progress-bar fragments out, stream outputs merged
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(path))
     return path

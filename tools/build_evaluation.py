@@ -11,6 +11,9 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbclean import clean_outputs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CELLS: list[tuple[str, str]] = [
@@ -26,8 +29,7 @@ datapoint (a harmless chat request; promote a refusal, suppress the model's help
 3. `steering_opt.auto_steer`: layer and strength chosen by measurement, with the table it chose from.
 
 Log-probabilities and KL are in **nats**."""),
-    ("code", """%matplotlib inline
-import torch
+    ("code", """import torch
 import steering_opt
 
 torch.set_num_threads(1)  # a shared 2-core machine: one thread is fastest
@@ -42,7 +44,7 @@ datapoint = steering_opt.TrainingDatapoint(chat("Give me a short recipe for panc
                                            src_completions=[HELPFUL], dst_completions=[REFUSAL])
 layer = 6
 vector, info = steering_opt.optimize_vector(model, [datapoint], layer, tokenizer=tokenizer, max_iters=30, lr=0.1,
-                                            seed=0, progress=False)
+                                            seed=0)
 steering = steering_opt.SteeringVector.from_optimization(vector, info, layer)
 print(steering, "| loss", round(info["loss_history"][0], 1), "->", round(info["loss"], 2), "nats")
 steering_opt.plot_loss_curve(info)"""),
@@ -81,8 +83,7 @@ log-prob gain over the suppressed ones (nats per token) minus the KL on neutral 
 vector already scaled, with the table it chose from. Pass `scorer=` to judge the best candidates by
 generation instead, and `time_budget_s=` to bound the time."""),
     ("code", """auto_vector, report = steering_opt.auto_steer(model, tokenizer, [datapoint], layers=[4, 8],
-                                              multipliers=[0.5, 0.75, 1.0, 1.5], time_budget_s=120,
-                                              progress=False)
+                                              multipliers=[0.5, 0.75, 1.0, 1.5], time_budget_s=120)
 print(report)
 print(report.to_markdown(["layer", "multiplier", "norm", "margin_gain", "kl", "criterion"]))
 report.plot_heatmap()"""),
@@ -103,6 +104,7 @@ def build(execute: bool = True) -> Path:
     path = ROOT / "notebooks" / "evaluation.ipynb"
     if execute:
         NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        clean_outputs(nb)  # progress-bar fragments out, stream outputs merged
     nbformat.write(nb, str(path))
     return path
 

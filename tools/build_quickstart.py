@@ -11,6 +11,9 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbclean import clean_outputs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CELLS: list[tuple[str, str]] = [
@@ -173,9 +176,10 @@ print("loss", round(loss_info["loss"], 2))
 print({layer: round(n, 2) for layer, n in loss_info["norms"].items()})"""),
     ("md", """## Loss curve
 
-`info['loss_history']` holds the loss at every evaluation."""),
+`info['loss_history']` holds the loss (nats) at every evaluation; `plot_loss_curve` draws it (matplotlib, the
+`plot` extra). The figure is the cell's result: no `%matplotlib inline` needed."""),
     ("code", """vector, loss_info = steering_opt.optimize_vector(model, [datapoint], layer, tokenizer=tokenizer, max_iters=30, lr=0.1, seed=0)
-print([round(x, 1) for x in loss_info["loss_history"]])"""),
+steering_opt.plot_loss_curve(loss_info, title=f"English -> Spanish, layer {layer}")"""),
     ("code", """# Evaluation: does the last vector work on prompts it never saw, and is the text still fluent?
 # (steered vs unsteered greedy generations, Spanish detected by py3langid, distinct-2 and real Spanish words,
 #  the Spanish completion's log-prob gain over the English one, KL on neutral prompts; see notebooks/evaluation.ipynb)
@@ -197,6 +201,7 @@ def build(execute: bool = True) -> Path:
     path = ROOT / "notebooks" / "quickstart.ipynb"
     if execute:
         NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        clean_outputs(nb)  # progress-bar fragments out, stream outputs merged
     nbformat.write(nb, str(path))
     return path
 

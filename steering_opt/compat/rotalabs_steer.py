@@ -227,11 +227,13 @@ class _Injector:
     def _specs(self) -> list[HookSpec]:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def patch(self: _I) -> _I:
-        """Register the hooks (``with injector:`` does this); undo with :meth:`remove`."""
+    def patch(self: _I, *, scope: str = "global") -> _I:
+        """Register the hooks; undo with :meth:`remove`. Called directly, they act on the forward passes of
+        every thread until removed (a persistent, process-wide patch); ``with injector:`` registers them with
+        ``scope="thread"``, acting only on the thread that entered the block."""
         if self._handle.active:
             raise RuntimeError("this injector is already active")
-        self._handle = attach(self._specs())
+        self._handle = attach(self._specs(), scope=scope)
         return self
 
     def remove(self) -> None:
@@ -239,7 +241,7 @@ class _Injector:
         self._handle.remove()
 
     def __enter__(self: _I) -> _I:
-        return self.patch()
+        return self.patch(scope="thread")
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
