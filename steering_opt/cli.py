@@ -24,10 +24,11 @@ from typing import Any
 
 from .cli_args import (
     FLOAT,
-    NONNEG_FLOAT,
     NONNEG_INT,
     POS_FLOAT,
     POS_INT,
+    SEED,
+    TEMPERATURE,
     Parser,
     UserError,
     add_datapoint_options,
@@ -44,6 +45,7 @@ from .cli_args import (
     read_datapoints,
     read_prompts_file,
     read_vectors,
+    shorten,
 )
 from .cli_commands import (
     add_auto_steer_parser,
@@ -248,7 +250,13 @@ def _add_train_parser(root: Parser, sub: Any) -> None:
 def _generate(model: Any, tokenizer: Any, text: str, args: argparse.Namespace) -> str:
     import torch
 
+    from .arch import check_context_length, context_length
+    from .data import check_chars_fit
+
+    n_ctx = context_length(model)
+    check_chars_fit(tokenizer, len(text), n_ctx, "the prompt")  # before tokenising a text that cannot fit
     enc = tokenizer(text, return_tensors="pt")
+    check_context_length(model, int(enc["input_ids"].shape[1]), "the prompt")
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -320,10 +328,11 @@ def _add_generate_parser(root: Parser, sub: Any) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--compare", action="store_true", help="also generate without steering")
     p.add_argument("--max-new-tokens", type=POS_INT, default=40, help="tokens to generate (40)")
-    p.add_argument("--temperature", type=NONNEG_FLOAT, default=0.0, help="sampling temperature; 0 = greedy (0)")
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.0,
+                   help="sampling temperature: 0 = greedy, else at least 1e-4 (0)")
     p.add_argument("--top-p", type=POS_FLOAT, default=1.0, help="nucleus sampling (1.0)")
     p.add_argument("--top-k", type=NONNEG_INT, default=0, help="top-k sampling, 0 = off (0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--seed", type=SEED, default=None, help="random seed for sampling (0 .. 2**63-1)")
     p.add_argument("--output", default=None, metavar="FILE.jsonl",
                    help="also write the results as JSONL (with the vectors and settings of each line)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -453,9 +462,16 @@ def build_parser() -> Parser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
+#: Longest error line the command line prints (longer messages are cut in the middle).
+MAX_ERROR_CHARS = 1000
+
+
+def _one_line(exc: BaseException, *, with_type: bool = False) -> str:
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return text or type(exc).__name__
+    text = text or type(exc).__name__
+    if with_type and not text.startswith(type(exc).__name__):
+        text = f"{type(exc).__name__}: {text}"
+    return shorten(text, MAX_ERROR_CHARS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except UserError as exc:
-        print(str(exc), file=sys.stderr)
+        print(_one_line(exc), file=sys.stderr)
         return EXIT_USER_ERROR
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -489,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # anything else (a torch RuntimeError, MemoryError, ...): still one line
+        logger.debug("traceback of the error below", exc_info=True)
+        print(f"steering-opt {args.command}: error: {_one_line(exc, with_type=True)} (-vv shows the traceback)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

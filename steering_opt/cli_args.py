@@ -24,6 +24,8 @@ __all__ = [
     "NONNEG_INT",
     "POS_FLOAT",
     "POS_INT",
+    "SEED",
+    "TEMPERATURE",
     "Parser",
     "UserError",
     "add_datapoint_options",
@@ -43,6 +45,7 @@ __all__ = [
     "read_datapoints",
     "read_prompts_file",
     "read_vectors",
+    "shorten",
 ]
 
 #: Generated flags spelt as in earlier releases (the rest: ``option_flag``).
@@ -51,6 +54,15 @@ FLAG_NAMES = {"do_tangent_space_noise": "--tangent-noise"}
 
 class UserError(Exception):
     """An error caused by the command line's input, reported as one line."""
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to about ``limit`` characters (head and tail kept, the number left out said), so that an
+    error never echoes a huge argument back."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 20, 10)
+    return f"{text[:keep]}... ({len(text) - 2 * keep:,} characters left out) ...{text[-keep:]}"
 
 
 def did_you_mean(word: str, candidates: Sequence[str]) -> str:
@@ -100,8 +112,8 @@ class Parser(argparse.ArgumentParser):
                 break
             flag = arg.split("=", 1)[0]
             if flag.startswith("--") and not any(o.startswith(flag) for o in options):
-                raise UserError(f"{command.prog}: unrecognized argument {flag}{did_you_mean(flag, options)} "
-                                f"(see {command.prog} --help)")
+                raise UserError(f"{command.prog}: unrecognized argument {shorten(flag)}"
+                                f"{did_you_mean(flag, options)} (see {command.prog} --help)")
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         if self.commands:
@@ -113,14 +125,14 @@ class Parser(argparse.ArgumentParser):
             options += self.option_strings()
             flag = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
             hint = did_you_mean(flag, options) if flag else ""
-            raise UserError(f"{prog}: unrecognized arguments: {' '.join(extras)}{hint} (see {prog} --help)")
+            raise UserError(f"{prog}: unrecognized arguments: {shorten(' '.join(extras))}{hint} (see {prog} --help)")
         return ns
 
     def error(self, message: str) -> NoReturn:
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
             message += did_you_mean(m.group(1), re.findall(r"'([^']*)'", m.group(2)) or m.group(2).split(", "))
-        raise UserError(f"{self.prog}: {message} (see --help)")
+        raise UserError(f"{self.prog}: {shorten(message, 400)} (see --help)")
 
 
 # ------------------------------------------------------------------------------------ argument types
@@ -138,10 +150,37 @@ def number_type(cast: Callable[[str], float], low: float | None = None, *,
         except ValueError:
             value = math.nan
         if not math.isfinite(value) or (low is not None and (value < low or (strict and value == low))):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shorten(repr(text), 60)}")
         return value
 
     return parse
+
+
+#: The smallest sampling temperature: below it sampling is greedy in all but name, and dividing the logits by it
+#: overflows (``--temperature 1e-300`` makes them infinite, and sampling from NaN probabilities fails).
+MIN_TEMPERATURE = 1e-4
+
+
+def TEMPERATURE(text: str) -> float:  # noqa: N802 - an argparse type, named like the others
+    """An argparse type: a sampling temperature, 0 (greedy) or a finite number >= :data:`MIN_TEMPERATURE`."""
+    value = NONNEG_FLOAT(text)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"expected 0 (greedy) or a temperature >= {MIN_TEMPERATURE:g}, got "
+                                         f"{shorten(repr(text), 60)} (smaller ones overflow the logits; use 0 for "
+                                         "greedy decoding)")
+    return value
+
+
+def SEED(text: str) -> int:  # noqa: N802 - an argparse type, named like the others
+    """An argparse type: a seed, an int in ``[0, 2**63 - 1]`` (:func:`steering_opt.validate.seed`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1], got {shorten(repr(text), 60)}") \
+            from None
+    if not 0 <= value <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1], got {shorten(text, 60)}")
+    return value
 
 
 def or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -248,7 +287,7 @@ def check_model_options(args: argparse.Namespace) -> Any:
 
 def check_unique(flag: str, values: Sequence[int] | None) -> None:
     if values is not None and len(set(values)) != len(values):
-        raise UserError(f"{flag} lists a layer twice: {list(values)}")
+        raise UserError(f"{flag} lists a layer twice: {shorten(str(list(values)))}")
 
 
 def check_output(path: str, kind: str) -> Path:
@@ -295,12 +334,11 @@ def apply_chat(datapoints: list[Any], tokenizer: Any) -> list[Any]:
 
 def read_prompts_file(path: str) -> list[str]:
     """Prompts from a file: one per line (.txt), or ``{"prompt": ...}`` per line (.jsonl)."""
+    from .jsonl import JSONLError, iter_jsonl, iter_lines
+
     p = Path(path)
-    if p.suffix != ".jsonl":
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such file")
-        return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from .jsonl import JSONLError, iter_jsonl
+    if p.suffix != ".jsonl":  # line by line, each at most jsonl.MAX_LINE_BYTES; not from a device
+        return [line.rstrip("\r\n") for _, line in iter_lines(p, "prompts file") if line.strip()]
 
     prompts = []
     for number, obj in iter_jsonl(p):
@@ -328,11 +366,12 @@ def read_vectors(specs: list[list[str]] | None) -> list[tuple[str, Any, float]]:
     out = []
     for spec in specs or []:
         if len(spec) > 2:
-            raise UserError(f"--vector takes PATH [MULTIPLIER], got {len(spec)} values: {spec}")
+            raise UserError(f"--vector takes PATH [MULTIPLIER], got {len(spec)} values: {shorten(str(spec))}")
         try:
             mult = FLOAT(spec[1]) if len(spec) == 2 else 1.0
         except argparse.ArgumentTypeError:
-            raise UserError(f"--vector {spec[0]}: multiplier must be a number, got {spec[1]!r}") from None
+            raise UserError(f"--vector {shorten(spec[0])}: multiplier must be a number, got "
+                            f"{shorten(repr(spec[1]), 60)}") from None
         obj = load(spec[0])
         for name, vec in (obj.items() if isinstance(obj, dict) else [(None, obj)]):
             out.append((spec[0] if name is None else f"{spec[0]} [{name}]", vec, mult))

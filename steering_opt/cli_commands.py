@@ -26,6 +26,7 @@ from .cli_args import (
     NONNEG_INT,
     POS_FLOAT,
     POS_INT,
+    SEED,
     add_datapoint_options,
     add_model_options,
     add_option_flags,
@@ -60,10 +61,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: OptimizeOptions fields that ``sweep`` / ``auto-steer`` set themselves (their variants and seed) or cannot use
-#: (affine maps and per-layer regularisers).
+#: OptimizeOptions fields that ``sweep`` / ``auto-steer`` set themselves (their variants and seed), cannot use
+#: (affine maps and per-layer regularisers) or whose flag they spend on their own setting (``--kl-weight``: the
+#: weight of the neutral-prompt KL in their score).
 SWEEP_MANAGED = ("seed", "max_norm", "vector_clamp", "affine_rank", "max_affine_norm", "starting_affine_norm",
-                 "regularization_weight", "regularization_type", "sparsity_weight", "entropy_weight")
+                 "regularization_weight", "regularization_type", "sparsity_weight", "entropy_weight", "kl_weight")
 
 
 # ------------------------------------------------------------------------------------ shared helpers
@@ -107,11 +109,16 @@ def fingerprint(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def check_vectors(loaded: Sequence[tuple[str, Any, float]], model: Any, args: argparse.Namespace) -> None:
     """Refuse (or with --allow-model-mismatch warn about) vectors made for another model."""
+    from . import validate
     from .persist import check_compatible
 
-    for where, vec, _ in loaded:
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
+    for where, vec, mult in loaded:
         check_compatible(vec, model, allow_mismatch=args.allow_model_mismatch, source=where,
                          model_name=model_label(args))
+        if dtype is not None:  # the values the model will add: the vector times its multiplier, in its dtype
+            for layer, t in vec.layer_activations.items():
+                validate.finite_in_dtype(f"{where} x{mult:g}: layer {layer}", t.double() * mult, dtype)
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:
@@ -191,7 +198,7 @@ SWEEP_FLAGS: dict[str, dict[str, Any]] = {
     "--max-new-tokens": dict(dest="max_new_tokens", type=POS_INT, help="tokens generated per validation prompt"),
     "--time-budget": dict(dest="time_budget_s", type=POS_FLOAT, metavar="SECONDS",
                           help="start no new layer/variant once this much time would be exceeded"),
-    "--seed": dict(dest="seed", type=NONNEG_INT, help="seed of the train/validation split and the optimiser"),
+    "--seed": dict(dest="seed", type=SEED, help="seed of the train/validation split and the optimiser"),
 }
 
 
@@ -290,7 +297,7 @@ EVALUATE_FLAGS: dict[str, dict[str, Any]] = {
     "--suppress": dict(dest="suppress", nargs="+", metavar="TEXT",
                        help="completions whose log-prob loss is measured (margin)"),
     "--max-new-tokens": dict(dest="max_new_tokens", type=POS_INT, help="tokens generated per prompt"),
-    "--seed": dict(dest="seed", type=NONNEG_INT, help="generation seed"),
+    "--seed": dict(dest="seed", type=SEED, help="generation seed"),
 }
 
 #: (label, steered summary key, unsteered summary key or None, unit) of the evaluate table.
@@ -392,7 +399,7 @@ AUTO_STEER_FLAGS: dict[str, dict[str, Any]] = {
     "--scorer": dict(dest="scorer", help="success scorer spec, e.g. refusal or language:es (then generates)"),
     "--kl-weight": dict(dest="kl_weight", type=NONNEG_FLOAT, help="weight of the neutral-prompt KL"),
     "--time-budget": dict(dest="time_budget_s", type=POS_FLOAT, metavar="SECONDS", help="soft wall-time budget"),
-    "--seed": dict(dest="seed", type=NONNEG_INT, help="optimiser seed"),
+    "--seed": dict(dest="seed", type=SEED, help="optimiser seed"),
 }
 
 

@@ -16,11 +16,14 @@ for every kind; affine adds ``layer.{L}.affine_left`` and ``layer.{L}.affine_rig
 means teaching these two functions (and :func:`check_savable`) its parts.
 
 Also here, shared by the loaders: :class:`SteeringFileError`, :func:`read_json` / :func:`parse_json` (every
-failure a ``SteeringFileError``) and :func:`error_summary`.
+failure a ``SteeringFileError``; metadata over :data:`MAX_METADATA_BYTES` or nested deeper than
+:data:`MAX_METADATA_DEPTH` is refused, because such a document could be read but not written back) and
+:func:`error_summary`.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from collections.abc import Mapping
@@ -35,11 +38,14 @@ from .vector import SteeringVector
 
 __all__ = [
     "KINDS",
+    "MAX_METADATA_BYTES",
+    "MAX_METADATA_DEPTH",
     "SteeringFileError",
     "additive_document",
     "check_savable",
     "check_spec",
     "error_summary",
+    "json_depth",
     "parse_json",
     "read_json",
     "vector_from_tensors",
@@ -48,6 +54,11 @@ __all__ = [
 
 #: The kinds of steering a file can hold (``SteeringVector.kind``).
 KINDS = ("additive", "clamp", "affine")
+#: Largest metadata document (a JSON file, or the JSON in a safetensors header) a loader reads: 16 MiB.
+MAX_METADATA_BYTES = 16 << 20
+#: Deepest nesting of lists / objects in metadata (ours is at most ~6 deep); deeper documents are refused on
+#: load and on save (Python's JSON writer recurses, so ~1,000 levels load but cannot be saved again).
+MAX_METADATA_DEPTH = 64
 
 _FLOAT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -70,20 +81,47 @@ def error_summary(exc: BaseException, limit: int | None = 300) -> str:
     return first if limit is None else first[:limit]
 
 
+def json_depth(value: Any, limit: int = MAX_METADATA_DEPTH) -> int:
+    """The nesting depth of lists / dicts in ``value`` (a scalar is 0), counted without recursion and stopping
+    at ``limit + 1``."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            depth += 1
+            if depth > limit:
+                return depth
+            deepest = max(deepest, depth)
+            stack.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def parse_json(text: str, where: str) -> Any:
-    """``json.loads`` whose every failure is a :class:`SteeringFileError` naming ``where``."""
+    """``json.loads`` whose every failure is a :class:`SteeringFileError` naming ``where``; documents over
+    :data:`MAX_METADATA_BYTES` or nested deeper than :data:`MAX_METADATA_DEPTH` are refused."""
+    if len(text) > MAX_METADATA_BYTES:
+        raise SteeringFileError(f"{where}: the metadata is {len(text):,} characters, over the limit of "
+                                f"{MAX_METADATA_BYTES:,}; refusing to read it")
     try:
-        return json.loads(text)
+        doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SteeringFileError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg} "
                                 "(truncated or corrupted?)") from None
     except (ValueError, RecursionError) as exc:  # integers over Python's digit limit, absurd nesting
         raise SteeringFileError(f"{where}: unreadable JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
+    if json_depth(doc) > MAX_METADATA_DEPTH:
+        raise SteeringFileError(f"{where}: the metadata is nested more than {MAX_METADATA_DEPTH} levels deep; "
+                                "refusing to read it")
+    return doc
 
 
 def read_json(path: Path) -> Any:
-    """Read a UTF-8 JSON file; bad bytes or bad JSON are a :class:`SteeringFileError`, a missing file a
-    ``FileNotFoundError``."""
+    """Read a UTF-8 JSON file; bad bytes, bad JSON, a file over :data:`MAX_METADATA_BYTES` or nested deeper than
+    :data:`MAX_METADATA_DEPTH` are a :class:`SteeringFileError`, a missing file a ``FileNotFoundError``."""
+    size = path.stat().st_size
+    if size > MAX_METADATA_BYTES:
+        raise SteeringFileError(f"{path}: {size:,} bytes, over the metadata limit of {MAX_METADATA_BYTES:,}; "
+                                "refusing to read it")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -199,7 +237,11 @@ def check_spec(doc: Any, where: str) -> dict[str, Any]:
         raise SteeringFileError(f"{where}: unknown kind {doc['kind']!r}; built in: {', '.join(KINDS)} (a custom "
                                 "parameterisation loads once the module defining its Steering subclass is imported)")
     if not doc["layers"] or not all(isinstance(x, int) and not isinstance(x, bool) for x in doc["layers"]):
-        raise SteeringFileError(f"{where}: 'layers' must be a non-empty list of ints, got {doc['layers']!r}")
+        raise SteeringFileError(f"{where}: 'layers' must be a non-empty list of ints, got {doc['layers']!r:.200}")
+    if len(set(doc["layers"])) != len(doc["layers"]):
+        counts: collections.Counter[int] = collections.Counter(doc["layers"])
+        dup = sorted(x for x, n in counts.items() if n > 1)[:10]
+        raise SteeringFileError(f"{where}: 'layers' names layer(s) {dup} more than once")
     return doc
 
 

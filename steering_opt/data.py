@@ -8,6 +8,13 @@ Prompt and completion are tokenised *separately* (the prompt with the tokenizer'
 the completion without), so the completion's tokens are exactly the completion's own tokens even
 when the last characters of the prompt and the first characters of the completion would merge into
 one token if tokenised together.
+
+Texts too long for the model are refused *before* tokenising (:func:`check_chars_fit`): a token covers at most
+as many characters as the longest entry of the tokenizer's vocabulary (81 for SmolLM2), so a text of more than
+``2 * context_length * that`` characters cannot fit (the factor 2 is a margin for normalisers). This assumes the
+tokenizer does not delete input characters: true for byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2), where a
+vocabulary entry spells each byte as one character, and for the SentencePiece tokenizers of Llama 2, Mistral
+and Gemma, which keep every space; a tokenizer that collapses runs of whitespace could in principle fit more.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hashlib
 import json
 import math
 import numbers
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -125,6 +133,44 @@ class TokenizedCompletion:
         return len(self.ids) - self.prompt_len
 
 
+_TOKEN_CHARS: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tokenizer: Any) -> int | None:
+    """The most characters of input text one token of ``tokenizer`` can cover: the length of its longest
+    vocabulary entry (computed once per tokenizer, ~60 ms for 49k entries), or None without ``get_vocab``."""
+    try:
+        return _TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    try:
+        vocab = tokenizer.get_vocab()
+        longest: int | None = max((len(k) for k in vocab if isinstance(k, str)), default=0) or None
+    except Exception:  # not a HF tokenizer (a TransformerLens model's, a stub): no bound
+        longest = None
+    try:
+        _TOKEN_CHARS[tokenizer] = longest
+    except TypeError:
+        pass
+    return longest
+
+
+def check_chars_fit(tokenizer: Any, n_chars: int, max_length: int | None, what: str) -> None:
+    """Refuse, without tokenising, a text of ``n_chars`` characters that needs more than ``max_length`` tokens
+    whatever it says: more than ``2 * max_length * max_token_chars(tokenizer)`` characters (module docstring).
+
+    Raises:
+        ValueError: naming ``what``, its length and the model's context.
+    """
+    if max_length is None:
+        return
+    per_token = max_token_chars(tokenizer)
+    if per_token is not None and n_chars > 2 * max_length * per_token:
+        raise ValueError(f"{what} is {n_chars:,} characters long: more than the model's context of {max_length} "
+                         f"tokens can hold (a token of this tokenizer covers at most {per_token} characters); "
+                         "not tokenised")
+
+
 def encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     """The token ids of ``text``; ``special``: with the tokenizer's special tokens (e.g. BOS), as for prompts
     (completions are encoded without)."""
@@ -168,6 +214,9 @@ def tokenize_datapoints(
 ) -> list[TokenizedCompletion]:
     """Tokenise every (datapoint, completion) once; the order is datapoint, then src, then dst."""
     seqs: list[TokenizedCompletion] = []
+    for d, dp in enumerate(datapoints):  # lengths first: a text that cannot fit is refused before any tokenising
+        longest = max((len(c) for c in (*dp.src_completions, *dp.dst_completions)), default=0)
+        check_chars_fit(tokenizer, len(dp.prompt) + longest, max_length, f"datapoints[{d}]: prompt + completion")
     for d, dp in enumerate(datapoints):
         p_ids = encode(tokenizer, dp.prompt, special=True)
         if not p_ids:

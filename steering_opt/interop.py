@@ -13,7 +13,12 @@
 
 Safety: a ``.pt`` file is only ever read by :func:`safe_torch_load` (``torch.load(weights_only=True)``, which
 refuses any pickle that would construct arbitrary objects or run code); ``.npz`` files with
-``allow_pickle=False``. Every importer translates the file into the native (spec, tensors) pair and ends in
+``allow_pickle=False``. Sizes are checked before anything is decompressed or allocated: the uncompressed sizes
+of a ``.pt`` / ``.npz`` zip's entries and the shapes in each ``.npy`` header (read from the zip member without
+extracting it), and the tensor infos of a GGUF file, must describe at most :data:`MAX_LAYERS` vectors of at most
+:data:`MAX_HIDDEN_SIZE` values, so a small compressed file cannot expand to gigabytes. Two tensors naming the
+same layer (``direction.1`` and ``direction.01``; ``layer_1`` and ``layer_01``) are refused. Every importer
+translates the file into the native (spec, tensors) pair and ends in
 the one checked constructor, :func:`steering_opt.codec.vector_from_tensors`. Every export is atomic
 (:func:`steering_opt.fsutil.atomic_write_file`). Only additive vectors can be exported: these formats cannot
 express clamp or affine steering (use :func:`steering_opt.persist.save`).
@@ -24,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,7 @@ from .codec import (
     read_json,
     vector_from_tensors,
 )
-from .fsutil import atomic_write_file
+from .fsutil import atomic_write_file, check_path
 from .vector import SteeringVector
 
 __all__ = [
@@ -60,15 +66,55 @@ LEGACY_SET_FILE = "metadata.json"
 #: GGUF keys ``steering_opt.model.<key>`` of the model fingerprint (:func:`steering_opt.arch.model_fingerprint`).
 GGUF_FINGERPRINT_PREFIX = "steering_opt.model."
 GGUF_FINGERPRINT_KEYS = ("name_or_path", "model_type", "architecture", "hidden_size", "num_layers")
+#: Largest hidden size an imported vector may have (the largest models have ~2**14; files declaring more are
+#: refused before their data is read).
+MAX_HIDDEN_SIZE = 1 << 18
+#: Most layers (tensors) an imported file may hold.
+MAX_LAYERS = 4096
+#: Largest pickle (the object structure, not the tensor data) of a ``.pt`` file.
+MAX_PICKLE_BYTES = 16 << 20
 
 
 # ------------------------------------------------------------------------------------------- helpers
 
 
+def _check_zip_sizes(path: Path, what: str) -> zipfile.ZipFile | None:
+    """Open ``path`` as a zip (None if it is not one) after checking its directory: at most :data:`MAX_LAYERS`
+    (+ a few) entries, none decompressing to more than a vector of :data:`MAX_HIDDEN_SIZE` float64 values (a
+    ``.pt``'s pickle: :data:`MAX_PICKLE_BYTES`). Nothing is decompressed here."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SteeringFileError(f"{path}: not a readable {what} ({error_summary(exc)})") from None
+    infos = zf.infolist()
+    if len(infos) > MAX_LAYERS + 16:
+        zf.close()
+        raise SteeringFileError(f"{path}: {len(infos)} entries in the archive, more than the {MAX_LAYERS} layers "
+                                "a steering vector can have")
+    limit = MAX_HIDDEN_SIZE * 8 + 4096  # one (d,) float64 vector plus its .npy header
+    for info in infos:
+        cap = MAX_PICKLE_BYTES if info.filename.endswith(".pkl") else limit
+        if info.file_size > cap:
+            zf.close()
+            raise SteeringFileError(f"{path}: archive entry {info.filename[:80]!r} expands to {info.file_size:,} "
+                                    f"bytes ({info.compress_size:,} stored), more than a steering vector of at "
+                                    f"most {MAX_HIDDEN_SIZE:,} values can need; refusing to read it (a tensor "
+                                    "saved as a view of a larger one stores the whole: save a .clone())")
+    return zf
+
+
 def safe_torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: the only way a ``.pt`` file is ever read. Any failure on the
-    file's bytes (refused globals, truncation, ``struct.error`` deep in the unpickler, ...) is a
-    :class:`SteeringFileError`; a missing file stays ``FileNotFoundError``."""
+    """``torch.load(weights_only=True)``: the only way a ``.pt`` file is ever read, after its zip directory
+    passed :func:`_check_zip_sizes` (so no entry can decompress to more than one vector's worth of bytes).
+    Any failure on the file's bytes (refused globals, truncation, ``struct.error`` deep in the unpickler, ...)
+    is a :class:`SteeringFileError`; a missing file stays ``FileNotFoundError``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {str(path)!r}")
+    zf = _check_zip_sizes(path, ".pt file")
+    if zf is not None:
+        zf.close()
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -166,7 +212,7 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
 
-    path = Path(path)
+    path = check_path(path)
     if path.suffix.lower() != ".gguf":
         raise ValueError(f"export_gguf: the output file should end in '.gguf', got {str(path)!r}")
     return atomic_write_file(path, write)
@@ -183,7 +229,7 @@ def import_gguf(path: str | os.PathLike[str]) -> SteeringVector:
     import gguf
     import numpy as np
 
-    path = Path(path)
+    path = check_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {str(path)!r}")
     try:
@@ -192,15 +238,23 @@ def import_gguf(path: str | os.PathLike[str]) -> SteeringVector:
         raise SteeringFileError(f"{path}: not a valid GGUF file (truncated or corrupted?): "
                                 f"{error_summary(exc)}") from None
     acts: dict[int, torch.Tensor] = {}
-    for t in reader.tensors:
-        if not t.name.startswith("direction."):
-            continue
-        try:
-            il = int(t.name.split(".", 1)[1])
-        except ValueError:
-            raise SteeringFileError(f"{path}: invalid tensor name {t.name!r} (expected direction.<layer>)") from None
+    names: dict[int, str] = {}
+    directions = [t for t in reader.tensors if t.name.startswith("direction.")]
+    if len(directions) > MAX_LAYERS:
+        raise SteeringFileError(f"{path}: {len(directions)} direction tensors, more than {MAX_LAYERS} layers")
+    for t in directions:
+        m = re.fullmatch(r"direction\.(\d{1,9})", t.name)
+        if m is None:
+            raise SteeringFileError(f"{path}: invalid tensor name {t.name[:80]!r} (expected direction.<layer>)")
+        il = int(m.group(1))
         if t.tensor_type != gguf.GGMLQuantizationType.F32 or len([s for s in t.shape if s != 1]) > 1:
             raise SteeringFileError(f"{path}: tensor {t.name} must be a 1-D float32 tensor")
+        if int(np.prod([int(s) for s in t.shape])) > MAX_HIDDEN_SIZE:
+            raise SteeringFileError(f"{path}: tensor {t.name} declares {int(np.prod(t.shape)):,} values, more than "
+                                    f"a hidden size can be ({MAX_HIDDEN_SIZE:,})")
+        if il in names:
+            raise SteeringFileError(f"{path}: tensors {names[il]!r} and {t.name!r} both name llama.cpp layer {il}")
+        names[il] = t.name
         acts[il + 1] = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1).copy())
     if not acts:
         raise SteeringFileError(f"{path}: no direction.<layer> tensors (not a control vector)")
@@ -263,7 +317,7 @@ def export_tensors(
         raise ValueError(f"export_tensors: only additive vectors can be exported as plain tensors (this one is "
                          f"{vector.kind}); use steering_opt.save to keep its {vector.kind} parameters")
     check_savable(vector)
-    path = Path(path)
+    path = check_path(path)
     suffix = path.suffix.lower()
     if suffix == ".pt":
         return atomic_write_file(path, lambda tmp: torch.save(tensors, tmp))
@@ -300,23 +354,20 @@ def import_tensors(path: str | os.PathLike[str]) -> SteeringVector:
         FileNotFoundError: no file at ``path``.
         SteeringFileError: unreadable, unsafe, or not a ``{layer: finite float vector (d,)}`` mapping.
     """
-    import numpy as np
 
-    path = Path(path)
+    path = check_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tensor file at {str(path)!r}")
     acts: dict[int, torch.Tensor] = {}
     if path.suffix.lower() == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: np.array(npz[k]) for k in npz.files}
-        except Exception as exc:  # zipfile / numpy format errors, and refused pickled object arrays
-            raise SteeringFileError(f"{path}: not a readable .npz file of arrays ({error_summary(exc)})") from None
-        for key, arr in arrays.items():
+        for key, arr in _read_npz(path).items():
             m = re.fullmatch(r"layer_(-?\d{1,9})", key)
             if m is None:
-                raise SteeringFileError(f"{path}: unexpected array {key!r} (expected layer_<L>)")
-            acts[int(m.group(1))] = torch.from_numpy(arr)
+                raise SteeringFileError(f"{path}: unexpected array {key[:80]!r} (expected layer_<L>)")
+            layer = int(m.group(1))
+            if layer in acts:
+                raise SteeringFileError(f"{path}: two arrays name layer {layer} ({key!r} and another spelling)")
+            acts[layer] = torch.from_numpy(arr)
     else:
         obj = safe_torch_load(path)
         if not isinstance(obj, dict) or not obj:
@@ -330,6 +381,52 @@ def import_tensors(path: str | os.PathLike[str]) -> SteeringVector:
     meta = {"method": "import_tensors", "imported_from": path.name, "model": {}}
     layer_vectors = {k: acts[k].clone() for k in sorted(acts)}
     return vector_from_tensors(*additive_document(layer_vectors, str(path), metadata=meta), str(path))
+
+
+def _read_npz(path: Path) -> dict[str, Any]:
+    """The arrays of an ``.npz`` file, read with ``allow_pickle=False`` after each member's ``.npy`` header
+    (read from the zip stream, nothing else decompressed) declared a float vector of at most
+    :data:`MAX_HIDDEN_SIZE` values, and the zip directory passed :func:`_check_zip_sizes`."""
+    from numpy.lib import format as npy_format
+
+    try:
+        zf = _check_zip_sizes(path, ".npz file")
+        if zf is None:
+            raise SteeringFileError(f"{path}: not a readable .npz file of arrays (not a zip archive)")
+        arrays: dict[str, Any] = {}
+        with zf:
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                with zf.open(info) as f:
+                    version = npy_format.read_magic(f)
+                    if version not in ((1, 0), (2, 0)):
+                        raise SteeringFileError(f"{path}: array {key[:80]!r} uses .npy format {version}; "
+                                                "expected 1.0 or 2.0")
+                    read_header = npy_format.read_array_header_1_0 if version == (1, 0) else \
+                        npy_format.read_array_header_2_0
+                    shape, _fortran, dtype = read_header(f)
+                    if dtype.kind != "f" or dtype.itemsize > 8 or len([s for s in shape if s != 1]) > 1 or \
+                            math.prod(shape) > MAX_HIDDEN_SIZE:
+                        raise SteeringFileError(f"{path}: not a readable .npz file of vectors: array {key[:80]!r} is "
+                                                f"declared as {dtype} {shape}; "
+                                                f"expected a float vector of at most {MAX_HIDDEN_SIZE:,} values")
+                    arrays[key] = _read_rest(f, shape, dtype)
+    except SteeringFileError:
+        raise
+    except Exception as exc:  # zipfile / numpy format errors
+        raise SteeringFileError(f"{path}: not a readable .npz file of arrays ({error_summary(exc)})") from None
+    return arrays
+
+
+def _read_rest(f: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """The data of a ``.npy`` stream whose header was read: ``prod(shape)`` items of ``dtype``."""
+    import numpy as np
+
+    count = math.prod(shape)
+    data = f.read(count * dtype.itemsize)
+    if len(data) != count * dtype.itemsize:
+        raise ValueError("the array data is truncated")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))  # a native-order copy
 
 
 # ------------------------------------------------------------------------------------------- legacy
@@ -370,7 +467,7 @@ def import_legacy(path: str | os.PathLike[str]) -> SteeringVector:
         FileNotFoundError: a metadata or tensor file is missing.
         SteeringFileError: unreadable, unsafe or inconsistent files.
     """
-    path = Path(path)
+    path = check_path(path)
     pairs: list[tuple[Path, Path]] = []
     set_doc: dict[str, Any] = {}
     if path.is_dir():

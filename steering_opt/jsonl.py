@@ -25,6 +25,9 @@ message is left open, so its last token is read)::
      "negative": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
 Unknown keys are errors (a misspelt key would otherwise be silently ignored).
+
+Limits: the file must be a regular file or a pipe (a device such as ``/dev/zero`` is refused), and a line may
+hold at most :data:`MAX_LINE_BYTES` (32 MiB): a longer line is an error at that line, read no further.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ __all__ = [
     "JSONLError",
     "datapoint_to_json",
     "iter_jsonl",
+    "iter_lines",
     "load_contrast_pairs",
     "load_datapoints",
     "parse_contrast_pair",
@@ -62,6 +67,8 @@ DATAPOINT_KEYS: tuple[str, ...] = (
     "is_negative",
 )
 CONTRAST_PAIR_KEYS: tuple[str, ...] = ("positive", "negative")
+#: Longest line a JSONL or prompts file may have, in bytes (32 MiB).
+MAX_LINE_BYTES = 32 << 20
 
 
 class JSONLError(ValueError):
@@ -74,33 +81,55 @@ class JSONLError(ValueError):
         self.line = line
 
 
-def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, parsed_object)`` for each non-blank line of a JSONL file.
+def iter_lines(path: str | os.PathLike[str], what: str = "JSONL file") -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, text)`` for each line of a UTF-8 text file (a BOM dropped), reading one line at a
+    time and never more than :data:`MAX_LINE_BYTES` of one line.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        JSONLError: a line is not valid JSON / not UTF-8.
+        JSONLError: a folder or a device rather than a file; a line over the limit; not UTF-8.
     """
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    if p.is_dir():
-        raise JSONLError("is a folder, expected a JSONL file", str(p))
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such file") from None
+    if stat.S_ISDIR(mode):
+        raise JSONLError(f"is a folder, expected a {what}", str(p))
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise JSONLError(f"is not a regular file (a device or socket), expected a {what}", str(p))
     with p.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
+        number = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise JSONLError(f"the line is longer than {MAX_LINE_BYTES:,} bytes; refusing to read it",
+                                 str(p), number)
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise JSONLError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", str(p), number) from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise JSONLError(f"invalid JSON at column {exc.colno}: {exc.msg}", str(p), number) from None
-            except (ValueError, RecursionError) as exc:  # integers over Python's digit limit, absurd nesting
-                raise JSONLError(f"unreadable JSON ({type(exc).__name__}: {str(exc)[:100]})", str(p), number) from None
-            yield number, obj
+            yield number, text
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, parsed_object)`` for each non-blank line of a JSONL file (:func:`iter_lines`).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        JSONLError: a line is not valid JSON / not UTF-8 / too long; not a regular file.
+    """
+    p = Path(path)
+    for number, text in iter_lines(p):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise JSONLError(f"invalid JSON at column {exc.colno}: {exc.msg}", str(p), number) from None
+        except (ValueError, RecursionError) as exc:  # integers over Python's digit limit, absurd nesting
+            raise JSONLError(f"unreadable JSON ({type(exc).__name__}: {str(exc)[:100]})", str(p), number) from None
+        yield number, obj
 
 
 def _check_keys(obj: Any, allowed: tuple[str, ...], required: tuple[str, ...], what: str) -> dict[str, Any]:

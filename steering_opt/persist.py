@@ -34,7 +34,12 @@ Safety:
   :mod:`steering_opt.interop` (``.pt`` files only with ``torch.load(weights_only=True)``).
 * Writes are atomic (:mod:`steering_opt.fsutil`): everything is written to a temporary sibling and renamed
   into place as the last step, so an interrupted save leaves either the old save or nothing, never a file
-  that loads.
+  that loads. Temporaries of killed writers are deleted by the next save next to them; a folder whose
+  replacement was killed between its two renames is put back by the next load or save. A full disk or any
+  other file-system failure is an ``OSError`` naming the path. An existing ``.safetensors`` file that is not a
+  steering_opt save is replaced only with ``overwrite=True``; paths that are not valid UTF-8 are refused.
+* Metadata over 16 MiB or nested more than 64 levels deep is refused (on load and on save); a set manifest
+  may not name a member or a folder twice.
 * Loading checks the format version, the file checksum (folder form), tensor names, shapes and dtypes
   against the metadata, and that every value is finite. With ``model=...`` it also checks the model
   fingerprint (:func:`check_compatible`): a vector for another hidden size is always refused; another
@@ -60,8 +65,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import arch
+from . import arch, validate
 from .codec import (
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
     SteeringFileError,
     check_savable,
     check_spec,
@@ -72,7 +79,15 @@ from .codec import (
     vector_to_tensors,
 )
 from .data import datapoints_sha256, describe_datapoints
-from .fsutil import atomic_write_dir, atomic_write_file, fsync_file, sha256_file, write_text_synced
+from .fsutil import (
+    atomic_write_dir,
+    atomic_write_file,
+    check_path,
+    fsync_file,
+    recover_replaced,
+    sha256_file,
+    write_text_synced,
+)
 from .interop import (
     GGUF_ARCH,
     LEGACY_SET_FILE,
@@ -133,8 +148,12 @@ def _library_version() -> str:
     return __version__
 
 
-def _jsonable(value: Any, where: str) -> Any:
-    """A JSON-safe copy of ``value``: tuples become lists, non-finite floats strings, tensors refused."""
+def _jsonable(value: Any, where: str, depth: int = 0) -> Any:
+    """A JSON-safe copy of ``value``: tuples become lists, non-finite floats strings, tensors refused; nesting
+    deeper than :data:`~steering_opt.codec.MAX_METADATA_DEPTH` refused."""
+    if depth > MAX_METADATA_DEPTH:
+        raise ValueError(f"metadata value {where[:200]} is nested more than {MAX_METADATA_DEPTH} levels deep; "
+                         "flatten it (deeper metadata cannot be read back)")
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -144,9 +163,9 @@ def _jsonable(value: Any, where: str) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return _jsonable(value.item(), where)
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+        return {str(k): _jsonable(v, f"{where}[{k!r:.40}]", depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_jsonable(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     import numpy as np  # a dependency; imported here to keep `import steering_opt.persist` light
 
     if isinstance(value, np.generic):  # numpy scalars
@@ -161,16 +180,40 @@ def _is_our_save(path: Path) -> bool:
     return False
 
 
-def check_save_target(path: str | os.PathLike[str]) -> None:
+def _safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file, read without its tensors (None if it is not one, or the header
+    is over :data:`~steering_opt.codec.MAX_METADATA_BYTES`)."""
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= MAX_METADATA_BYTES:
+                return None
+            doc = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _is_steering_file(path: Path) -> bool:
+    header = _safetensors_header(path)
+    meta = header.get("__metadata__") if header is not None else None
+    return isinstance(meta, dict) and HEADER_KEY in meta
+
+
+def check_save_target(path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
     """Raise FileExistsError if :func:`save` would refuse to write ``path`` (checked before expensive work).
 
     A folder path may be new, an empty folder or an earlier steering_opt save; a ``.safetensors`` path
-    must not be a folder.
+    must not be a folder, and an existing file there must be a steering_opt save unless ``overwrite``.
     """
-    target = Path(path)
+    target = check_path(path)
     if target.suffix == ".safetensors":
         if target.is_dir():
             raise FileExistsError(f"cannot save to {str(target)!r}: it is a folder")
+        if target.exists() and not overwrite and not _is_steering_file(target):
+            raise FileExistsError(f"cannot save to {str(target)!r}: the file exists and is not a steering_opt "
+                                  "save (e.g. model weights); choose another path, or pass overwrite=True to "
+                                  "replace it")
         return
     if target.exists():
         if not target.is_dir():
@@ -249,6 +292,7 @@ def save(
     model: nn.Module | None = None,
     metadata: Mapping[str, Any] | None = None,
     datapoints: Sequence[Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Save a steering vector (or a ``{name: SteeringVector}`` set) atomically.
 
@@ -266,16 +310,22 @@ def save(
         metadata: extra JSON-able entries merged into the saved metadata (e.g. ``hyperparameters``).
         datapoints: the training datapoints (or contrast pairs); recorded as :func:`describe_datapoints`
             (count, sha256 of the contents, first prompts), not in full.
+        overwrite: replace an existing ``.safetensors`` file even if it is not a steering_opt save (folders
+            that are not steering_opt saves are never replaced).
 
     Returns:
         The path written.
 
     Raises:
         TypeError: ``obj`` is not a SteeringVector or a dict of them; metadata is not JSON-able.
-        ValueError: non-finite values, inconsistent affine factors, bad set names.
+        ValueError: non-finite values, inconsistent affine factors, bad set names, metadata nested more than
+            64 levels, a path that is not valid UTF-8.
         FileExistsError: ``path`` exists and is not a steering_opt save.
+        OSError: the file system failed (e.g. the disk is full), naming the path; the previous save is kept.
     """
-    path = Path(path)
+    path = check_path(path, "path")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"save(): `overwrite` must be a bool, got {overwrite!r:.60}")
     if datapoints is not None:
         if isinstance(datapoints, (str, bytes)) or not isinstance(datapoints, Sequence):
             raise TypeError(f"save(): `datapoints` must be a list of datapoints or contrast pairs, got "
@@ -285,7 +335,7 @@ def save(
         return _save_set(obj, path, model=model, metadata=metadata)
     check_savable(obj)
     if path.suffix == ".safetensors":
-        return _save_single_file(obj, path, model=model, metadata=metadata)
+        return _save_single_file(obj, path, model=model, metadata=metadata, overwrite=overwrite)
     if path.suffix in (".pt", ".pth", ".bin", ".gguf", ".npy", ".npz", ".json"):
         raise ValueError(f"save(): {str(path)!r} has the suffix {path.suffix!r}; pass a folder or a "
                          "'.safetensors' file (use export_gguf / export_tensors for other formats)")
@@ -293,11 +343,10 @@ def save(
 
 
 def _save_single_file(vector: SteeringVector, path: Path, *, model: nn.Module | None,
-                      metadata: Mapping[str, Any] | None) -> Path:
+                      metadata: Mapping[str, Any] | None, overwrite: bool) -> Path:
     from safetensors.torch import save_file
 
-    if path.is_dir():
-        raise FileExistsError(f"cannot save to {str(path)!r}: it is a folder")
+    check_save_target(path, overwrite=overwrite)
     tensors, doc = _document(vector, model, metadata)
     header = {HEADER_KEY: json.dumps(doc, allow_nan=False)}
     return atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
@@ -359,6 +408,16 @@ def _load_safetensors(path: Path, device: str | torch.device) -> tuple[dict[str,
     from safetensors import safe_open
 
     try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise SteeringFileError(f"{path}: unreadable ({error_summary(exc)})") from None
+    if n > MAX_METADATA_BYTES:
+        raise SteeringFileError(f"{path}: not a valid safetensors file of a steering vector: its header would be "
+                                f"{n:,} bytes, over the limit of {MAX_METADATA_BYTES:,}; refusing to read it")
+    try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             header = f.metadata() or {}
@@ -403,11 +462,16 @@ def _load_set(folder: Path, device: str | torch.device) -> dict[str, SteeringVec
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise SteeringFileError(f"{folder / SET_FILE}: format_version {version!r} is not supported")
     out: dict[str, SteeringVector] = {}
+    seen_paths: set[str] = set()
     for entry in doc["vectors"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or \
                 not isinstance(entry.get("path"), str):
             raise SteeringFileError(f"{folder / SET_FILE}: bad entry {entry!r}")
         name = entry["path"]
+        if entry["name"] in out or name in seen_paths:
+            which = f"name {entry['name'][:80]!r}" if entry["name"] in out else f"folder {name[:80]!r}"
+            raise SteeringFileError(f"{folder / SET_FILE}: the manifest lists the {which} more than once")
+        seen_paths.add(name)
         if len(name) > 255 or "\x00" in name:  # the OS would raise ValueError / OSError on these
             raise SteeringFileError(f"{folder / SET_FILE}: entry {entry['name']!r} has an invalid folder name "
                                     f"{name[:80]!r}")
@@ -443,9 +507,12 @@ def load(
     Raises:
         FileNotFoundError: nothing at ``path``.
         SteeringFileError (a ValueError): corrupt, truncated, unsafe or inconsistent files.
-        ValueError: the model is incompatible.
+        ValueError: the model is incompatible (including values that overflow the model's dtype); a path
+            that is not valid UTF-8.
     """
-    path = Path(path)
+    path = check_path(path, "path")
+    if not os.path.lexists(path):
+        recover_replaced(path)  # a save killed between the two renames of a folder replacement: put it back
     result: SteeringVector | dict[str, SteeringVector]
     if path.is_dir():
         if (path / SET_FILE).is_file():
@@ -498,7 +565,9 @@ def load_vector(path: str | os.PathLike[str], **kwargs: Any) -> SteeringVector:
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The metadata document of a saved vector (folder or single file) or set manifest, without tensors."""
-    path = Path(path)
+    path = check_path(path, "path")
+    if not os.path.lexists(path):
+        recover_replaced(path)
     if path.is_dir():
         for name in (SET_FILE, VECTOR_FILE):
             if (path / name).is_file():
@@ -587,7 +656,8 @@ def check_compatible(vector: SteeringVector, model: nn.Module, *, allow_mismatch
     ``config._name_or_path``) only change the messages.
 
     Raises:
-        ValueError: naming both models.
+        ValueError: naming both models; or the vector's values are not finite in the model's dtype (e.g.
+            ``1e300`` stored as float64, for a float32 model).
     """
     fp_model = arch.model_fingerprint(model)
     if model_name:
@@ -607,6 +677,12 @@ def check_compatible(vector: SteeringVector, model: nn.Module, *, allow_mismatch
         if bad:
             raise ValueError(f"{what} steers layer(s) {bad}, but the model {_describe_model(fp_model)} has only "
                              f"{n} layers (0..{n - 1})")
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
+    if dtype is not None:
+        for layer in vector.layers:
+            tensors = (vector.layer_activations[layer], *(vector.affine.get(layer, ()) if vector.affine else ()))
+            for t in tensors:
+                validate.finite_in_dtype(f"{what}: layer {layer}", t, dtype)
     diffs = [key for key in ("model_type", "architecture", "num_layers")
              if fp_vec.get(key) is not None and fp_model.get(key) is not None and fp_vec[key] != fp_model[key]]
     if diffs:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import arch, validate
-from .data import encode
+from .data import check_chars_fit, encode
 from .engine import log1mexp
 from .hooks import frozen_model
 
@@ -133,6 +133,9 @@ def get_completion_logprob(
     validate.text("completion", completion)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}")
+    if not tl and hasattr(model, "config"):  # refuse a text that cannot fit before tokenising it
+        check_chars_fit(tokenizer, len(prompt) + len(completion), arch.context_length(model),
+                        "`prompt` + `completion`")
     p_ids = _tokens(model, tokenizer, prompt, special=True, tl=tl)
     c_ids = _tokens(model, tokenizer, completion, special=False, tl=tl)
     if not p_ids:
@@ -225,6 +228,8 @@ def sample_most_likely_completions_hf(
     validate.text("dst_prompt", dst_prompt)
     if src_prompt is not None:
         validate.text("src_prompt", src_prompt)
+    for name, text in (("dst_prompt", dst_prompt), ("src_prompt", src_prompt or "")):
+        check_chars_fit(tokenizer, len(text), arch.context_length(model), f"`{name}`")
     dev = arch.input_device(model)
     dst = encode(tokenizer, dst_prompt, special=True)
     src = encode(tokenizer, src_prompt, special=True) if src_prompt is not None else None

@@ -113,6 +113,26 @@ def vector(name: str, value: Any, d: int) -> torch.Tensor:
     return value
 
 
+def finite_in_dtype(name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Refuse a tensor whose values are not finite once cast to ``dtype``, the dtype it will be used in (e.g.
+    ``1e300`` is finite in float64 but infinite in float32, and ``1e5`` infinite in float16); ``value`` is
+    returned unchanged.
+
+    Raises:
+        ValueError: naming ``name``, the largest magnitude and the dtype's range.
+    """
+    if value.dtype == dtype or not dtype.is_floating_point:
+        ok = bool(torch.isfinite(value).all())
+    else:
+        ok = bool(torch.isfinite(value.detach().to(dtype)).all())
+    if not ok:
+        biggest = float(value.detach().abs().max()) if value.numel() else 0.0
+        raise ValueError(f"`{name}` holds values that are not finite in {str(dtype).removeprefix('torch.')} (largest "
+                         f"magnitude {biggest:.3g}; the dtype's range is +-{torch.finfo(dtype).max:.3g}), so the "
+                         "model's activations would become inf/NaN")
+    return value
+
+
 def model(value: Any, name: str = "model") -> nn.Module:
     """A HuggingFace causal LM (any ``torch.nn.Module``)."""
     if not isinstance(value, nn.Module):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import arch
+from . import arch, validate
 from .hooks import (
     HookHandle,
     HookSpec,
@@ -307,6 +307,11 @@ class SteeringVector:
                              f"has {arch.hidden_size(model)}")
         check_multiplier(multiplier)
         self.check_values()
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if dtype is not None:  # finite in float64 is not enough: 1e300 is inf in float32 (1e5 in float16)
+            scale = 1.0 if callable(multiplier) else float(multiplier)
+            for layer, v in self.layer_activations.items():
+                validate.finite_in_dtype(f"layer_activations[{layer}] * multiplier", v * scale, dtype)
         if self.clamp is not None and not callable(multiplier) and multiplier == 0:
             raise ValueError("`multiplier` must be non-zero for a clamp steering vector (its direction is v/|v|)")
         selection = TokenSelection(min_token_index, token_indices, injection_mode)

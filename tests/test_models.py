@@ -273,8 +273,11 @@ def test_stale_cache_from_other_source_is_invalid(tmp_path: Path) -> None:
     assert not models.is_cache_valid(folder)
     manifest["source"] = models._source_fingerprint(models.embedded_gguf_path())
     (folder / models.MANIFEST_FILE).write_text(json.dumps(manifest))
-    assert models.is_cache_valid(folder)
-    assert not models.is_cache_valid(folder, full=True)  # sha256 mismatch
+    assert not models.is_cache_valid(folder)  # right source and sizes, but the content is not the manifest's
+    for rel, info in manifest["files"].items():
+        info["sha256"] = models.sha256_file(folder / rel)
+    (folder / models.MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert models.is_cache_valid(folder) and models.is_cache_valid(folder, full=True)
     assert not models.is_cache_valid(tmp_path / "does-not-exist")
 
 
