@@ -4,8 +4,7 @@
 * :func:`attach` — the one way to register hooks: a list of ``(module, fn, kind)`` specs becomes one
   :class:`HookHandle` that removes them all (idempotent, also a context manager).
 * :func:`site_hook` — the site convention: ``decoder_block`` is read/steered at the block *input*
-  (``hidden_states[L]``, TransformerLens' ``blocks.L.hook_resid_pre``), every other site at the module
-  *output*.
+  (``hidden_states[L]``, TransformerLens' ``blocks.L.hook_resid_pre``), every other site at the module *output*.
 * :func:`capture` — run a forward, keep the activations of some modules, and stop the forward as soon
   as the last of them is reached (one internal exception, so captures nest); :func:`capture_inputs` is
   its form for block inputs, optionally under extra steering.
@@ -13,8 +12,7 @@
   steer; positions come from the ``position_ids`` the model receives, so a token index means the same
   token in one pass and during KV-cached (or uncached) generation, and with left padding positions
   count from each row's first real token.
-* :func:`pad_sequences`, :func:`pad_token_id` — the one padder of token-id lists.
-* :func:`frozen_model` — the one place a model is frozen for the duration of a call.
+* :func:`pad_sequences`, :func:`pad_token_id` (the one padder); :func:`frozen_model` (the one freezer of a model).
 """
 
 from __future__ import annotations
@@ -183,10 +181,8 @@ def attach(hooks: Iterable[HookSpec], *, scope: str = "thread") -> HookHandle:
         while len(handle._handles) < len(specs):
             i = len(handle._handles)
             module, kind = specs[i][0], specs[i][2]
-            if kind == "pre":
-                handle._handles.append(module.register_forward_pre_hook(fns[i], with_kwargs=True))
-            else:
-                handle._handles.append(module.register_forward_hook(fns[i]))
+            handle._handles.append(module.register_forward_pre_hook(fns[i], with_kwargs=True) if kind == "pre"
+                                   else module.register_forward_hook(fns[i]))
 
     try:
         uninterruptible(register_rest)
@@ -519,6 +515,9 @@ class TokenSelection:
                     raise TypeError(f"`{name}` slice {part} must be an int or None, got {bound!r}")
             if ti.step not in (None, 1):
                 raise ValueError(f"`{name}` slice step must be 1 (or None), got {ti.step!r}")
+            if ti.start is not None and ti.stop is not None and (ti.start < 0) == (ti.stop < 0) \
+                    and ti.start >= ti.stop:
+                raise ValueError(f"`{name}` slice {ti} selects no position (start must be below stop)")
             self.slice = ti
         elif isinstance(ti, torch.Tensor) and (ti.dtype == torch.bool or ti.is_floating_point()):
             if ti.dim() != 1:
@@ -534,6 +533,8 @@ class TokenSelection:
             except (TypeError, ValueError, RuntimeError) as e:
                 raise TypeError(f"`{name}` must be an int, a sequence of ints, a slice or a 1-D tensor; "
                                 f"got {type(ti).__name__}") from e
+            if idx.numel() == 0:
+                raise ValueError(f"`{name}` is empty: it would steer no position (None steers every position)")
             if idx.dim() > 1 or idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
                 raise TypeError(f"`{name}` must hold ints, got {idx.dtype} of shape {tuple(idx.shape)}")
             self.indices = idx.reshape(-1).long()

@@ -359,6 +359,12 @@ CASES: list[Case] = [
       "(64, 64)", "(3, 3)"),
     C("hook-factors-shape", lambda c: so.make_steering_hook_hf(c.v, (torch.zeros(2, D), torch.zeros(2, 8))),
       ValueError, "matrix[1]", "(2, 8)"),
+    C("hook-token-empty-list", lambda c: so.make_steering_hook_hf(c.v, token=[]), ValueError, "`token`", "empty"),
+    C("hook-token-empty-slice", lambda c: so.make_steering_hook_hf(c.v, token=slice(5, 2)), ValueError, "`token`",
+      "no position"),
+    C("apply-token-empty", lambda c: so.SteeringVector({1: c.v}).apply(c.model, token_indices=slice(-1, -3))
+      .__enter__(),
+      ValueError, "`token_indices`", "no position"),
     C("abl-mat-zero", lambda c: so.make_abl_mat(torch.zeros(D)), ValueError, "`vector`", "non-zero"),
     C("abl-mat-nan", lambda c: so.make_abl_mat(torch.full((D,), NAN)), ValueError, "`vector`", "finite"),
     C("hooks-cm-layer", lambda c: enter(so.hf_hooks_contextmanager(c.model, [(99, so.make_steering_hook_hf(c.v))])),
