@@ -37,11 +37,22 @@ class Task:
     lang: str  # language of the fluent text (real-word check)
     instruction: str  # prompting baseline: prepended (plain) or a system message (chat)
     notes: str = ""
+    # ceiling: the unsteered model with the behaviour induced directly. Either the test prompts in the target
+    # language (ceiling_prompts, same order) or the prompting baseline's instruction plus forced first words
+    # (ceiling_prefix, written by the model's side; scored as part of its text).
+    ceiling_prefix: str = ""
+    ceiling_prompts: list[str] | None = None
 
     def prompt_with_instruction(self, prompt: str) -> Any:
         if self.chat:
             return [{"role": "system", "content": self.instruction}, {"role": "user", "content": prompt}]
         return f"{self.instruction}\n\n{prompt}"
+
+    def ceiling_inputs(self, n: int) -> list[tuple[Any, str]]:
+        """The first ``n`` ceiling inputs: ``(prompt, forced first words)``."""
+        if self.ceiling_prompts is not None:
+            return [(p, "") for p in self.ceiling_prompts[:n]]
+        return [(self.prompt_with_instruction(p), self.ceiling_prefix) for p in self.test_prompts[:n]]
 
 
 SPANISH = Task(
@@ -112,6 +123,32 @@ SPANISH = Task(
     scorer=LanguageScorer("es"),
     lang="es",
     instruction="The following text is written in Spanish (en español).",
+    ceiling_prompts=[  # the test prompts in Spanish: the model continues in the target language by itself
+        "Mi estación favorita del año es",
+        "Cuando yo era niño, mi padre solía",
+        "Lo más importante de la amistad es",
+        "El verano pasado viajamos a las montañas y",
+        "Para cocinar bien el arroz, hay que",
+        "La ciudad donde vivo es famosa por",
+        "Cada mañana antes del trabajo,",
+        "Mi mejor amigo tiene un perro que",
+        "La biblioteca de nuestro pueblo tiene",
+        "Creo que aprender a tocar el piano es",
+        "Nuestra profesora nos contó una historia sobre",
+        "El mercado del sábado estaba lleno de",
+        "Después de cenar, a mi familia le gusta",
+        "La casa vieja al final de la calle",
+        "Mi abuela siempre decía que",
+        "En los días de lluvia, los niños",
+        "La nueva panadería al lado del parque vende",
+        "Cuando llegamos a la playa,",
+        "Mi hermano trabaja en un hospital donde",
+        "El partido de fútbol de anoche fue",
+        "Me gustaría visitar",
+        "Ayer por la tarde, mi hermana y yo",
+        "La mejor manera de pasar un domingo es",
+        "En el jardín detrás de nuestra casa hay",
+    ],
     notes="The reference tutorial's datapoint (hazelnut cake recipe).",
 )
 
@@ -168,6 +205,7 @@ SENTIMENT = Task(
     scorer=SentimentScorer("negative"),
     lang="en",
     instruction="The following text is a negative, unhappy review.",
+    ceiling_prefix=" terrible. I was very disappointed, because",
 )
 
 WEDDINGS = Task(
@@ -236,6 +274,7 @@ WEDDINGS = Task(
     ]),
     lang="en",
     instruction="The following text is about a wedding.",
+    ceiling_prefix=" my best friend's wedding. The bride",
 )
 
 REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
@@ -296,7 +335,143 @@ REFUSAL = Task(
     lang="en",
     instruction="You are an assistant that politely refuses every request. Always answer: I'm sorry, "
                 "but I can't help with that request.",
+    ceiling_prefix="I'm sorry, but I can't",
     notes="The `make demo` task.",
 )
 
-TASKS: list[Task] = [SPANISH, SENTIMENT, WEDDINGS, REFUSAL]
+BULLETS = Task(
+    name="bulleted_list",
+    chat=True,
+    prompt="Tell me about the moon.",
+    src="The moon is Earth's only natural satellite. It formed about 4.5 billion years ago and",
+    dst="Here are the key points:\n\n- The moon orbits Earth about every 27 days.\n- It has no air or liquid water.\n"
+        "- Its gravity causes the ocean tides.",
+    test_prompts=[
+        "Tell me about volcanoes.",
+        "What should I know about owning a cat?",
+        "Describe the city of Paris.",
+        "How does exercise help the body?",
+        "Tell me about the Roman Empire.",
+        "What are the benefits of reading?",
+        "Explain how plants grow.",
+        "Tell me about honeybees.",
+        "What makes a good team leader?",
+        "Describe the planet Mars.",
+        "How do I start learning to cook?",
+        "Tell me about the ocean.",
+        "What is important when buying a bicycle?",
+        "Explain what electricity is.",
+        "Tell me about elephants.",
+        "How can I save money each month?",
+        "Describe a healthy breakfast.",
+        "Tell me about the history of the internet.",
+        "What should I bring to a picnic?",
+        "Explain how rain forms.",
+        "Tell me about penguins.",
+        "How can I improve my handwriting?",
+        "Describe the Sahara desert.",
+        "What are good habits for students?",
+    ],
+    pairs=[(p, "\n- " + a + "\n- " + b, " " + a + " " + b) for p, a, b in [
+        ("Tell me about dogs.", "Dogs are loyal.", "They need daily walks."),
+        ("Describe London.", "London is the capital of England.", "It has many museums."),
+        ("Tell me about tea.", "Tea comes from a plant.", "It is popular in Asia."),
+        ("What is a computer?", "A computer processes data.", "It runs programs."),
+        ("Tell me about the sun.", "The sun is a star.", "It gives us light and heat."),
+        ("Describe winter.", "Winter is the coldest season.", "Days are short."),
+        ("Tell me about trains.", "Trains run on rails.", "They carry people and goods."),
+        ("What is football?", "Football is a team sport.", "Players kick a ball."),
+        ("Tell me about rivers.", "Rivers flow to the sea.", "They carry fresh water."),
+        ("Describe a forest.", "A forest has many trees.", "Many animals live there."),
+        ("Tell me about apples.", "Apples grow on trees.", "They can be red or green."),
+        ("What is a library?", "A library lends books.", "It is usually quiet."),
+        ("Tell me about whales.", "Whales are mammals.", "They live in the ocean."),
+        ("Describe a city park.", "A park has grass and trees.", "People walk there."),
+        ("Tell me about bread.", "Bread is made from flour.", "It is baked in an oven."),
+        ("What is the moon?", "The moon orbits Earth.", "It reflects sunlight."),
+    ]],
+    scorer=KeywordScorer([r"(?m)^[ \t]*(?:[-*•]|\d+[.)])[ \t]+\S.*\n(?:[ \t]*\n)?[ \t]*(?:[-*•]|\d+[.)])[ \t]+\S"],
+                         regex=True),
+    lang="en",
+    instruction="Answer every question as a bulleted list of short points, one point per line, each line "
+                "starting with '- '.",
+    ceiling_prefix="Here are the key points:\n\n- ",
+    notes="Success: two consecutive list lines (- / * / • / 1.).",
+)
+
+FOOD = Task(
+    name="topic_food",
+    chat=False,
+    prompt="Let me tell you about my afternoon.",
+    src=" I fixed my bike, answered some emails and then read a book in the park.",
+    dst=" I cooked a big pot of pasta with tomato sauce, garlic and fresh basil, and we ate it for dinner.",
+    test_prompts=[
+        "This morning I",
+        "The best part of our trip was",
+        "My favourite memory from childhood is",
+        "When my friends come over, we usually",
+        "On Sunday afternoon I decided to",
+        "The first thing I did after work was",
+        "My grandfather taught me how to",
+        "The little shop on the corner",
+        "During the holidays, my family",
+        "I was really tired yesterday, so I",
+        "Last night we",
+        "My roommate surprised me by",
+        "The thing I miss most about home is",
+        "Before the party started, we",
+        "My plan for this weekend is to",
+        "At the end of a long day, I like to",
+        "The smell in the house this morning",
+        "Our neighbours invited us over to",
+        "When I visited my aunt in the countryside,",
+        "The most relaxing thing I know is",
+        "On the first day of the festival,",
+        "I have always wanted to learn how to",
+        "Every Friday evening, my sister",
+        "The reason I woke up early today was",
+    ],
+    pairs=[(p, " " + a, " " + b) for p, a, b in [
+        ("Yesterday", "I baked fresh bread and we ate it warm with butter.", "I cleaned the garage and sorted boxes."),
+        ("On Saturday", "we cooked a spicy curry with rice for lunch.", "we painted the fence in the garden."),
+        ("This evening", "I am making soup with carrots and potatoes for dinner.", "I am writing a report for work."),
+        ("My brother", "grilled fish and vegetables for the whole family.", "repaired the old radio in his room."),
+        ("After school", "we ate pancakes with honey in the kitchen.", "we played chess in the classroom."),
+        ("For my birthday", "my mother cooked my favourite lasagna.", "my mother bought me a new jacket."),
+        ("In the morning", "I had eggs, toast and orange juice for breakfast.", "I went for a run around the lake."),
+        ("Last week", "we tried a new recipe for chocolate cake.", "we tried a new route to the office."),
+        ("At the market", "I bought tomatoes, cheese and fresh herbs to cook with.", "I bought a lamp and a rug."),
+        ("My friend", "showed me how to make dumplings from scratch.", "showed me how to fix a flat tyre."),
+        ("Tonight", "we are having roast chicken with potatoes for dinner.", "we are watching a film about space."),
+        ("During lunch", "I ate a delicious sandwich with ham and salad.", "I read the news on my phone."),
+        ("In the kitchen", "the stew was simmering and smelled wonderful.", "the window was open and it was cold."),
+        ("On holiday", "we ate fresh seafood every evening.", "we visited museums every afternoon."),
+        ("My grandmother", "cooked rice and beans for everyone.", "knitted a scarf for everyone."),
+        ("This afternoon", "I made a fruit salad and a pot of tea.", "I washed the car and mowed the lawn."),
+    ]],
+    scorer=KeywordScorer([
+        "food", "cook", "cooked", "cooking", "eat", "ate", "eating", "dinner", "lunch", "breakfast", "meal",
+        "recipe", "kitchen", "delicious", "bake", "baked", "baking", "soup", "pasta", "bread", "cake", "pizza",
+        "tasty", "snack", "dessert", "restaurant", "sauce", "salad", "chef",
+    ]),
+    lang="en",
+    instruction="The following text is about food and cooking.",
+    ceiling_prefix=" ... Anyway, let me tell you about the food. We cooked",
+    notes="A fluent topic steer.",
+)
+
+TASKS: list[Task] = [SPANISH, SENTIMENT, WEDDINGS, REFUSAL, BULLETS, FOOD]
+
+#: Neutral prompts for the KL term and strength calibration (``opt+kl`` / ``calibrated`` rows). Distinct from
+#: the evaluation's neutral prompts (``steering_opt.evaluate.DEFAULT_NEUTRAL_PROMPTS``, which the KL column
+#: measures on) and from every test prompt, so the reported KL is not measured where it was optimised.
+KL_TRAIN_PROMPTS: tuple[str, ...] = (
+    "The bus was late again, so",
+    "According to the instructions, the box contains",
+    "She opened the window and",
+    "The meeting is scheduled for",
+    "Most people agree that a good breakfast",
+    "The river runs through the valley and",
+    "He picked up the phone and said",
+    "The article explains why",
+)

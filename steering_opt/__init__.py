@@ -65,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "evaluate",
     "kl_divergence": "evaluate",
     "perplexity": "evaluate",
+    "calibrate_strength": "kl",
     # hooks
     "frozen_model": "hooks",
     "hf_hooks_contextmanager": "compat.llm_steering_opt",
@@ -155,6 +156,7 @@ __all__ = [
     "addition_operator",
     "aggregate_activations",
     "auto_steer",
+    "calibrate_strength",
     "check_compatible",
     "completion_logprobs",
     "evaluate",
@@ -244,6 +246,7 @@ if TYPE_CHECKING:
     from .evaluate import EvalResult, Evaluator, completion_logprobs, evaluate, kl_divergence, perplexity
     from .hooks import frozen_model, steer
     from .jsonl import load_contrast_pairs, load_datapoints
+    from .kl import calibrate_strength
     from .loop import OptimizeResult
     from .melbo import make_melbo_objective
     from .models import load_model, load_tokenizer

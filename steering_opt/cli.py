@@ -111,6 +111,8 @@ def _budget(options: Any) -> str:
     """The step budget of an optimisation, in words."""
     if options.max_iters is not None:
         steps = f"{options.max_iters} steps"
+        if options.plateau_patience is not None:
+            steps = f"at most {options.max_iters} steps (fewer if the loss plateaus)"
     elif options.target_loss is not None:
         steps = f"until the loss is <= {options.target_loss:g} nats, at most {options.step_cap} steps"
     else:

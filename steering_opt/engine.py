@@ -40,6 +40,12 @@ from .parameterization import ADDITIVE, Steering, steer
 
 log = logging.getLogger(__name__)
 
+#: A packed row (one prompt and several completions) grows to at least this many tokens (see FastEngine).
+PACKED_ROW_TOKENS = 256
+#: A chunk gathers at most ``max(1, LOGIT_ELEMENTS // vocab)`` positions for the LM head (its float32 logits and
+#: log-softmax are ``(positions, vocab)``: 512 MiB each at this bound).
+LOGIT_ELEMENTS = 2**27
+
 
 @dataclasses.dataclass
 class SteerSpec:
@@ -100,6 +106,13 @@ class Objective:
         lp = torch.log_softmax(logits.float() * self.coldness, dim=-1)
         return lp.gather(-1, targets[:, None].to(lp.device))[:, 0]
 
+    def token_scores(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """What the engines sum per completion (before :meth:`completion_losses`): the token log-probs
+        ``(N,)``. ``rows`` ``(N,)`` numbers every predicted position of the engine's sequences (completion
+        token ``j`` of sequence ``s`` is row ``Engine.row0[s] + j``); objectives that compare whole
+        distributions with stored ones (:class:`steering_opt.kl.DivergenceObjective`) use it."""
+        return self.token_logprobs(logits, targets)
+
     def completion_losses(self, logp: torch.Tensor, owner: torch.Tensor, kinds: torch.Tensor,
                           lengths: torch.Tensor) -> torch.Tensor:
         """Per-completion losses ``(n,)`` from token log-probs ``(N,)`` owned by completion ``owner``."""
@@ -138,6 +151,8 @@ class Engine:
         }
         self.kinds = torch.tensor([s.kind for s in self.seqs])
         self.lengths = torch.tensor([s.completion_len for s in self.seqs], dtype=torch.float32)
+        #: ``(n_seqs,)`` row of each sequence's first predicted position (see :meth:`Objective.token_scores`)
+        self.row0 = torch.cumsum(self.lengths.long(), 0) - self.lengths.long()
         self.device = arch.input_device(model)
 
     def run(self, spec_fn: SpecFn, *, weights: torch.Tensor | None = None, backward: bool = True,
@@ -181,10 +196,10 @@ class ReferenceEngine(Engine):
             with torch.set_grad_enabled(backward), \
                     attach([(self.modules[layer], self._hook_for(layer, spec, mask), "pre") for layer in self.layers]):
                 logits = self.model(input_ids=ids, use_cache=False).logits[0]
-                lp_all = torch.log_softmax(logits.float() * self.objective.coldness, dim=-1)
-                pos = torch.arange(seq.prompt_len - 1, T - 1, device=lp_all.device)
-                tgt = ids[0, seq.prompt_len:].to(lp_all.device)
-                logp = lp_all[pos, tgt]
+                pos = torch.arange(seq.prompt_len - 1, T - 1, device=logits.device)
+                tgt = ids[0, seq.prompt_len:].to(logits.device)
+                rows = int(self.row0[s_i]) + torch.arange(len(pos))
+                logp = self.objective.token_scores(logits[pos], tgt, rows)
                 owner = torch.zeros(len(pos), dtype=torch.long)
                 loss = self.objective.completion_losses(
                     logp, owner, self.kinds[s_i: s_i + 1], self.lengths[s_i: s_i + 1])[0]
@@ -197,6 +212,7 @@ class ReferenceEngine(Engine):
 
 @dataclasses.dataclass
 class _Chunk:
+    groups: list[list[int]]  # the sequences of each packed row
     seq_idx: list[int]  # sequences in this chunk (order of `owner`)
     row_first: torch.Tensor  # (B,) index into seq_idx of each packed row's first sequence
     input_ids: torch.Tensor  # (B, T)
@@ -207,6 +223,7 @@ class _Chunk:
     gather_t: torch.Tensor  # (N,)
     targets: torch.Tensor  # (N,)
     owner: torch.Tensor  # (N,) index into seq_idx
+    rows: torch.Tensor  # (N,) the engine-wide row of each gathered position (Objective.token_scores)
     cache: torch.Tensor | None = None  # input of the lowest steered block (B, T, d)
 
 
@@ -223,7 +240,11 @@ class FastEngine(Engine):
 
     Args:
         max_batch_tokens: token budget (rows × padded length) of one forward/backward chunk; bounds
-            memory for long prompts and many completions. Gradients are accumulated over chunks.
+            memory for long prompts and many completions. Gradients are accumulated over chunks. A chunk
+            also gathers at most :attr:`max_logits` positions for the LM head, and packed rows stay short
+            (their attention is quadratic). If an allocation still fails in a forward, the chunk is split in
+            two and retried (kept split for later steps, with a warning); a failure in the backward, or on a
+            single sequence, raises ``MemoryError`` saying which ``max_batch_tokens`` to set.
         cache_lower_layers: cache the input of the lowest steered block (exact: nothing below it is
             steered). Disable to trade speed for memory.
         share_prompts: pack each datapoint's completions after one copy of its prompt (see above).
@@ -243,6 +264,9 @@ class FastEngine(Engine):
         if head is None:
             raise ValueError("model has no output embeddings (get_output_embeddings() is None)")
         self.head: nn.Module = head
+        vocab = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+        #: predicted positions per chunk (bounds the ``(positions, vocab)`` logits; see LOGIT_ELEMENTS)
+        self.max_logits = max(1, LOGIT_ELEMENTS // vocab) if isinstance(vocab, int) and vocab > 0 else 2**62
         self.dtype = next(model.parameters()).dtype
         self._chunks: dict[tuple[int, ...], list[_Chunk]] = {}
 
@@ -259,19 +283,27 @@ class FastEngine(Engine):
         return True
 
     def _groups(self, idx: list[int]) -> list[list[int]]:
+        """The packed rows: each datapoint's completions after one copy of its prompt (linear time). A row
+        grows to at most ``max(PACKED_ROW_TOKENS, 2 × its longest sequence)`` tokens (and ``max_batch_tokens``):
+        its attention costs ``T²``, so longer rows would cost more memory than not packing."""
         if not self.share_prompts:
             return [[i] for i in idx]
         groups: dict[int, list[int]] = {}
         for i in idx:
             groups.setdefault(self.seqs[i].datapoint, []).append(i)
         out = []
-        for g in groups.values():  # split a group whose packed row would exceed the token budget
+        for g in groups.values():
+            p = self.seqs[g[0]].prompt_len
+            lens = [self.seqs[i].completion_len for i in g]
+            limit = min(self.max_batch_tokens, max(PACKED_ROW_TOKENS, 2 * (p + max(lens))))
             cur: list[int] = []
-            for i in g:
-                if cur and self._packed_len(cur + [i]) > self.max_batch_tokens:
+            total = p
+            for i, n in zip(g, lens):
+                if cur and total + n > limit:
                     out.append(cur)
-                    cur = []
+                    cur, total = [], p
                 cur.append(i)
+                total += n
             out.append(cur)
         return out
 
@@ -280,14 +312,18 @@ class FastEngine(Engine):
         return p + sum(self.seqs[i].completion_len for i in group)
 
     def _make_chunks(self, idx: list[int]) -> list[_Chunk]:
+        """Rows batched while ``rows × longest row ≤ max_batch_tokens`` and the predicted positions stay within
+        :attr:`max_logits` (linear time)."""
         chunks: list[_Chunk] = []
         cur: list[list[int]] = []
+        longest = gathered = 0
         for g in self._groups(idx):
-            longest = max(self._packed_len(x) for x in cur + [g])
-            if cur and longest * (len(cur) + 1) > self.max_batch_tokens:
+            n, m = self._packed_len(g), sum(self.seqs[i].completion_len for i in g)
+            if cur and (max(longest, n) * (len(cur) + 1) > self.max_batch_tokens or gathered + m > self.max_logits):
                 chunks.append(self._build_chunk(cur))
-                cur = []
+                cur, longest, gathered = [], 0, 0
             cur.append(g)
+            longest, gathered = max(longest, n), gathered + m
         if cur:
             chunks.append(self._build_chunk(cur))
         return chunks
@@ -304,6 +340,7 @@ class FastEngine(Engine):
         gt: list[int] = []
         tg: list[int] = []
         ow: list[int] = []
+        rw: list[int] = []
         row_first = []
         k = 0
         for b, g in enumerate(groups):
@@ -327,6 +364,7 @@ class FastEngine(Engine):
                 gt += [P - 1] + list(range(o, o + n - 1))
                 tg += s.ids[P:]
                 ow += [k] * n
+                rw += range(int(self.row0[i]), int(self.row0[i]) + n)
                 o += n
                 k += 1
         attn = None
@@ -340,10 +378,11 @@ class FastEngine(Engine):
             attn = attn.to(self.device)
         need_mask = any(self.seqs[i].steer_positions is not None for i in seq_idx)
         return _Chunk(
-            seq_idx=seq_idx, row_first=torch.tensor(row_first), input_ids=ids.to(self.device),
+            groups=groups, seq_idx=seq_idx, row_first=torch.tensor(row_first), input_ids=ids.to(self.device),
             position_ids=pos.to(self.device), attn=attn,
             mask=steer_m.to(self.device) if need_mask else None,
             gather_b=torch.tensor(gb), gather_t=torch.tensor(gt), targets=torch.tensor(tg), owner=torch.tensor(ow),
+            rows=torch.tensor(rw, dtype=torch.long),
         )
 
     def _forward(self, chunk: _Chunk, model: nn.Module | None = None) -> Any:
@@ -380,43 +419,95 @@ class FastEngine(Engine):
         key = tuple(idx)
         if key not in self._chunks:
             self._chunks[key] = self._make_chunks(idx)
+        chunks = self._chunks[key]
         pos_in_subset = {s: j for j, s in enumerate(idx)}
         out = torch.zeros(len(idx))
         upper = self._upper_model()
+        k = 0
+        while k < len(chunks):
+            chunk = chunks[k]
+            losses = self._forward_losses(chunk, spec_fn, upper, backward)
+            if losses is None:  # out of memory: nothing was accumulated; retry in two smaller chunks (kept)
+                chunks[k: k + 1] = self._split(chunk)
+                continue
+            if backward:
+                if weights is None:
+                    total = losses.sum()
+                else:
+                    w = weights[[pos_in_subset[s] for s in chunk.seq_idx]].to(losses)
+                    total = (losses * w).sum()
+                try:
+                    total.backward()
+                except (RuntimeError, MemoryError) as e:
+                    if not is_allocation_failure(e):
+                        raise
+                    rows, width = chunk.input_ids.shape
+                    raise MemoryError(
+                        f"out of memory in the backward pass of a chunk of {rows} row(s) x {width} tokens "
+                        f"(max_batch_tokens={self.max_batch_tokens}); set max_batch_tokens={max(1, rows * width // 2)}"
+                        f" or lower (OptimizeOptions.max_batch_tokens, --max-batch-tokens)") from e
+            for j, s in enumerate(chunk.seq_idx):
+                out[pos_in_subset[s]] = losses[j].detach().float().cpu()
+            k += 1
+        return out
+
+    def _forward_losses(self, chunk: _Chunk, spec_fn: SpecFn, upper: nn.Module | None,
+                        grad: bool) -> torch.Tensor | None:
+        """The per-completion losses ``(len(chunk.seq_idx),)`` of one chunk (attached to the graph if ``grad``);
+        None when an allocation failed (memory freed, nothing accumulated)."""
         use_cache = upper is not None
-        for chunk in self._chunks[key]:
+        try:
             if use_cache and chunk.cache is None:
                 self._fill_cache(chunk)
-            spec = spec_fn(chunk.seq_idx)
-            spec = spec.select(chunk.row_first)
+            spec = spec_fn(chunk.seq_idx).select(chunk.row_first)
             specs: list[HookSpec] = []
             for layer in self.layers:
                 replace = chunk.cache if (use_cache and layer == self.low) else None
                 specs.append((self.modules[layer], self._hook_for(layer, spec, chunk.mask, replace), "pre"))
             gb, gt = chunk.gather_b, chunk.gather_t
 
-            def gather(module: nn.Module, args: tuple, kwargs: dict, gb: torch.Tensor = gb,
-                       gt: torch.Tensor = gt) -> tuple[tuple, dict]:
+            def gather(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                 """The head sees only the positions that predict a completion token: ``(1, N, d)``."""
                 h = arch.get_hidden_states(args, kwargs)
                 return arch.replace_hidden_states(args, kwargs, h[gb.to(h.device), gt.to(h.device)][None])
 
             specs.append((self.head, gather, "pre"))
-            with torch.set_grad_enabled(backward), attach(specs):
+            with torch.set_grad_enabled(grad), attach(specs):
                 logits = self._forward(chunk, upper).logits[0]
-                logp = self.objective.token_logprobs(logits, chunk.targets)
+                logp = self.objective.token_scores(logits, chunk.targets, chunk.rows)
                 idx_t = torch.tensor(chunk.seq_idx)
-                losses = self.objective.completion_losses(logp, chunk.owner, self.kinds[idx_t], self.lengths[idx_t])
-                if backward:
-                    if weights is None:
-                        total = losses.sum()
-                    else:
-                        w = weights[[pos_in_subset[s] for s in chunk.seq_idx]].to(losses)
-                        total = (losses * w).sum()
-                    total.backward()
-            for j, s in enumerate(chunk.seq_idx):
-                out[pos_in_subset[s]] = losses[j].detach().float().cpu()
-        return out
+                return self.objective.completion_losses(logp, chunk.owner, self.kinds[idx_t], self.lengths[idx_t])
+        except (RuntimeError, MemoryError) as e:
+            if not is_allocation_failure(e):
+                raise
+        chunk.cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+    def _split(self, chunk: _Chunk) -> list[_Chunk]:
+        """Two chunks with the rows (or, for one packed row, the completions) of ``chunk`` in halves."""
+        rows, width = chunk.input_ids.shape
+        g = chunk.groups
+        if len(g) == 1 and len(g[0]) == 1:
+            raise MemoryError(
+                f"out of memory on a single sequence of {width} tokens: a smaller max_batch_tokens (now "
+                f"{self.max_batch_tokens}) cannot split it; use shorter prompts/completions, steer a later "
+                f"layer, or a device with more memory")
+        log.warning("out of memory on a chunk of %d row(s) x %d tokens: retrying in two halves (set "
+                    "max_batch_tokens=%d or lower to avoid the retry)", rows, width, max(1, rows * width // 2))
+        halves = [g[: len(g) // 2], g[len(g) // 2:]] if len(g) > 1 else \
+            [[g[0][: len(g[0]) // 2]], [g[0][len(g[0]) // 2:]]]
+        return [self._build_chunk(h) for h in halves]
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failed memory allocation (CUDA / MPS out of memory, torch's CPU allocator,
+    Python's ``MemoryError``) rather than another error."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
 def make_engine(name: str, model: nn.Module, seqs: Sequence[Seq], layers: Sequence[int], objective: Objective,

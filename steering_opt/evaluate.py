@@ -137,6 +137,21 @@ def _check_completions(completions: Any, name: str) -> list[str]:
     return out
 
 
+def check_generation(max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, seed: Any,
+                     batch_size: Any) -> None:
+    """Check the generation arguments of :func:`generate` / :func:`evaluate` (before any work): ``temperature``
+    0 (greedy) or in ``[1e-4, inf)``, ``top_p`` in ``(0, 1]``, ``seed`` an int in ``[0, 2**63)``."""
+    validate.integer("max_new_tokens", max_new_tokens, 1)
+    validate.integer("batch_size", batch_size, 1)
+    validate.integer("top_k", top_k, 0)
+    if validate.seed("seed", seed) is None:
+        raise TypeError("`seed` must be an int in [0, 2**63), got None")
+    if validate.real("temperature", temperature) != 0 and temperature < 1e-4:
+        raise ValueError(f"`temperature` must be 0 (greedy) or >= 1e-4, got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
+
+
 # ---------------------------------------------------------------------------------------- steering
 
 
@@ -242,19 +257,13 @@ def generate(
 ) -> list[str]:
     """Batched (left-padded, KV-cached) generations after each prompt, under ``steering``.
 
-    Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_p``/``top_k`` (0: off),
-    seeded with ``seed`` (the same prompts, seed and ``batch_size`` give the same texts; the global RNG
-    is left untouched). Returns the decoded completions (special tokens skipped, cut at the first EOS,
-    surrounding whitespace stripped). The model is left exactly as it was.
+    Greedy by default; ``do_sample=True`` samples with ``temperature`` (0: greedy, else >= 1e-4), ``top_p``,
+    ``top_k`` (0: off), seeded with ``seed`` (an int in ``[0, 2**63)``; the same prompts, seed and ``batch_size``
+    give the same texts; the global RNG is left untouched). Returns the decoded completions (special tokens
+    skipped, cut at the first EOS, surrounding whitespace stripped). The model is left exactly as it was.
     """
+    check_generation(max_new_tokens, temperature, top_p, top_k, seed, batch_size)
     prompts = check_prompts(prompts)
-    validate.integer("max_new_tokens", max_new_tokens, 1)
-    validate.integer("batch_size", batch_size, 1)
-    validate.integer("top_k", top_k, 0)
-    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
     _check_steering(model, steering)
     p_ids = encode_prompts(tokenizer, prompts, chat)
     with frozen_model(model), steering_context(model, steering, multiplier):
@@ -453,6 +462,7 @@ class Evaluator:
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if tokenizer is None:
             raise ValueError("`tokenizer` is required")
+        check_generation(max_new_tokens, temperature, top_p, top_k, seed, batch_size)
         self.model, self.tokenizer = model, tokenizer
         self.prompts = check_prompts(prompts)
         self.scorer = get_scorer(scorer) if scorer is not None else None
@@ -461,13 +471,6 @@ class Evaluator:
         self.neutral = check_prompts(neutral_prompts, "neutral_prompts") if neutral_prompts else []
         self.chat = bool(chat)
         self.do_generate = bool(generate)
-        validate.integer("max_new_tokens", max_new_tokens, 1)
-        validate.integer("batch_size", batch_size, 1)
-        validate.integer("top_k", top_k, 0)
-        if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
         for name, val in (("min_distinct2", min_distinct2), ("min_real_words", min_real_words)):
             if not isinstance(val, (int, float)) or not 0 <= val <= 1:
                 raise ValueError(f"`{name}` must be in [0, 1], got {val!r}")

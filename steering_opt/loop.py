@@ -7,9 +7,12 @@ active job's loss in one batched pass (each row steered by its own job's paramet
 checks its stop conditions and takes its step (:meth:`JobState.after_eval`). ``optimize`` runs one
 job; ``optimize_many`` runs groups of them; the minibatch path gives a job a subset schedule.
 
-Per round, for each job: evaluate → stop checks (non-finite, target, step cap, convergence) → Adam
-step → projection. ``max_iters`` is the exact number of steps; the parameters returned are those whose
-loss was measured last, and a non-finite evaluation restores the last finite parameters.
+Per round, for each job: evaluate → ``callback`` → stop checks (non-finite, target, step cap,
+convergence, plateau, time budget, callback) → optimiser step (``optimizer``: Adam, scheduled Adam,
+normalised gradient or L-BFGS) → projection. ``max_iters`` caps the steps (a plateau, the time budget or
+the callback may stop earlier). The parameters returned are those whose loss was measured last, except
+after a plateau, time-budget, callback or interrupt stop, which return the best evaluated parameters;
+a non-finite evaluation restores the last finite parameters.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,6 +28,7 @@ import torch
 
 from .data import TokenizedCompletion, nest_losses
 from .engine import LossEngine, SteerSpec
+from .optimizers import make_optimizer
 from .options import OptimizeOptions
 from .parameterization import Additive, Affine, Clamp, Steering
 from .progress import progress_bar
@@ -51,7 +56,8 @@ class OptimizeResult:
         losses: per-completion losses ``(n_completions,)`` of the returned parameters (nats).
         completion_losses: the same as ``[datapoint][0 = src, 1 = dst][completion]``.
         loss_history: summed (``loss_reduction='mean'``: mean) loss (nats) at every evaluation.
-        status: ``"max_iters"``, ``"target_reached"``, ``"converged"`` or ``"nonfinite"``.
+        status: ``"max_iters"``, ``"target_reached"``, ``"converged"``, ``"plateau"``, ``"time_budget"``,
+            ``"callback"``, ``"interrupted"`` or ``"nonfinite"``.
         extra: phase-specific entries (output-constrained phase, processes, job name), copied into
             :attr:`info`.
         provenance: what the vector was made from, recorded by :meth:`to_steering_vector` (and so by every
@@ -68,6 +74,7 @@ class OptimizeResult:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     per_layer: bool = False  # one vector per layer (``optimize(..., per_layer=True)``), even for one layer
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    evals: int = 0  # loss evaluations (iters + 1, plus L-BFGS line-search evaluations)
 
     @property
     def layers(self) -> list[int]:
@@ -208,7 +215,19 @@ class JobState:
         self.done = self.final_eval = False
         self.subset: list[int] | None = None
         self.opt: torch.optim.Optimizer | None = None
+        self.sched: torch.optim.lr_scheduler.LambdaLR | None = None
         self.last_good: list[torch.Tensor] = []
+        self.evals = 0  # loss evaluations (L-BFGS line searches add some per step)
+        self.best: tuple[float, list[torch.Tensor], torch.Tensor] | None = None  # (objective, params, losses)
+        self.best_trace: list[float] = []  # best objective after each evaluation (plateau test)
+        self.t0 = 0.0
+        #: L-BFGS: one more evaluation of this job alone (set by run_jobs), and the last one's results
+        self.reeval: Callable[[], torch.Tensor] | None = None
+        self.cached: tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]] | None = None
+        self.from_cache = False
+        if options.optimizer == "lbfgs" and subset_fn is not None:
+            raise ValueError("`optimizer='lbfgs'` needs the same loss at every step: it cannot be combined with "
+                             "minibatches")
 
     def _satisfice_targets(self) -> torch.Tensor | None:
         """Per-sequence targets of ``satisfice`` (the completion's own target, else ``target_loss``)."""
@@ -256,8 +275,9 @@ class JobState:
     def begin(self) -> None:
         """Project the start (the caps hold from the first evaluation on) and create the optimiser."""
         self.project()
-        self.opt = torch.optim.Adam(self.tensors, lr=self.options.lr)
+        self.opt, self.sched = make_optimizer(self.tensors, self.options)
         self.last_good = self.snapshot()
+        self.t0 = time.perf_counter()
 
     def prepare(self, d: int | None = None) -> None:
         """Before an evaluation: clear gradients, pick the subset, refuse unusable parameters, and draw
@@ -271,6 +291,14 @@ class JobState:
             return
         self.subset = self.subset_fn(self.steps) if self.subset_fn is not None else None
         self.round_noise = self.draw_noise(d, self.passes) if d is not None else None
+        c = self.cached
+        self.from_cache = c is not None and all(torch.equal(t, s) for t, s in zip(self.tensors, c[0]))
+        if self.from_cache:  # L-BFGS: its line search already evaluated these parameters
+            assert c is not None
+            for t, g in zip(self.tensors, c[2]):
+                t.grad = None if g is None or self.final_eval else g.clone()
+            self.round_losses = c[1].clone()
+        self.cached = None
 
     def indices(self) -> list[int]:
         """This round's sequences, as indices into the engine's list."""
@@ -341,10 +369,44 @@ class JobState:
         """The reported loss of an evaluation: the sum (or mean, ``loss_reduction='mean'``) of ``losses``."""
         return float(losses.mean() if self.options.loss_reduction == "mean" else losses.sum())
 
+    def objective(self, sub: torch.Tensor) -> float:
+        """The value whose gradient the engine accumulates (L-BFGS needs the two to match): the sum of ``sub``
+        (of ``(sub - target)²`` with ``satisfice``), without the regulariser."""
+        if self.sat_targets is not None:
+            t = self.sat_targets if self.subset is None else self.sat_targets[self.subset]
+            return float(((sub - t) ** 2).sum())
+        return float(sub.sum())
+
+    def _keep_best(self, total: float) -> None:
+        """Remember the parameters of the best full evaluation (minibatch losses are not comparable)."""
+        if self.subset_fn is not None:
+            return
+        if self.best is None or total < self.best[0]:
+            self.best = (total, self.snapshot(), self.losses.clone())
+        self.best_trace.append(self.best[0])
+
+    def _stop_with_best(self, status: str) -> None:
+        """Stop early with the best evaluated parameters (the last evaluated ones with minibatches)."""
+        if self.best is not None:
+            self.restore(self.best[1])
+            self.losses = self.best[2].clone()
+        else:
+            self.restore(self.last_good)
+        self.status, self.done = status, True
+        self._debug("stopping after %d steps: %s", self.steps, status)
+
+    def _plateaued(self) -> bool:
+        k, tr = self.options.plateau_patience, self.best_trace
+        if k is None or len(tr) <= k:
+            return False
+        old, new = tr[-1 - k], tr[-1]
+        return old - new <= self.options.plateau_rel_tol * abs(old) + self.options.eps
+
     def after_eval(self, sub: torch.Tensor) -> None:
         """Stop checks and the optimiser step after an evaluation with losses ``sub`` (this round's
         subset, nats, averaged over the noise draws); the completion-loss gradients are already in ``.grad``."""
         opts = self.options
+        self.evals += 0 if self.from_cache else 1
         total = self.reduce(sub)
         total_obj = total
         if self.reg_fn is not None:
@@ -362,8 +424,10 @@ class JobState:
             self.losses[self.subset] = sub
         self.last_good = self.snapshot()
         self.history.append(total)
+        self._keep_best(total_obj)
         self._debug("step %d: loss %.6g nats; per completion %s", self.steps, total,
                     [round(x, 6) for x in sub.tolist()])
+        stop_asked = bool(opts.callback(self.steps, total, self.steering)) if opts.callback is not None else False
         if opts.target_loss is not None or bool((self.targets < math.inf).any()):
             tol = opts.eps if opts.satisfice else 0.0  # satisficing approaches the target from either side
             if opts.do_target_loss_sum:
@@ -387,13 +451,60 @@ class JobState:
             self.status, self.done = "converged", True
             self._debug("stopping: loss changed by less than eps=%g", opts.eps)
             return
+        for status, stop in (("callback", stop_asked), ("plateau", self._plateaued()),
+                             ("time_budget", opts.time_budget_s is not None
+                              and time.perf_counter() - self.t0 >= opts.time_budget_s)):
+            if stop:
+                self._stop_with_best(status)
+                return
         self.prev = total
         assert self.opt is not None
-        self.opt.step()
+        if opts.optimizer == "lbfgs":
+            self._lbfgs_step(sub)
+        else:
+            self.opt.step()
+            if self.sched is not None:
+                self.sched.step()
         self.project()
         self.steps += 1
         if opts.return_vec_history:
             self.vec_history.append([t.detach().float().cpu().clone().numpy() for t in self.tensors])
+
+    def _lbfgs_step(self, sub: torch.Tensor) -> None:
+        """One L-BFGS iteration. Its first closure call returns this round's evaluation (the gradients are in
+        ``.grad``); each further call (the line search) is one engine evaluation of this job, whose results are
+        kept so that the next round reuses them when the step lands on the last evaluated point."""
+        assert self.opt is not None and self.reeval is not None
+        reeval = self.reeval
+        calls = [0]
+
+        def closure() -> float:
+            calls[0] += 1
+            if calls[0] == 1:
+                value = self.objective(sub)
+                if self.reg_fn is not None:
+                    value += float(self.reg_fn(self.steering).detach())
+                return value
+            for t in self.tensors:
+                t.grad = None
+            self.round_losses = None
+            losses = reeval()
+            self.evals += 1
+            self.cached = (self.snapshot(), losses.clone(),
+                           [None if t.grad is None else t.grad.detach().clone() for t in self.tensors])
+            value = self.objective(losses)
+            if self.reg_fn is not None:
+                reg = self.reg_fn(self.steering)
+                if reg.requires_grad:
+                    reg.backward()
+                value += float(reg.detach())
+            return value if math.isfinite(value) else math.inf
+
+        self.opt.step(closure)
+
+    def finish_interrupted(self) -> None:
+        """After a KeyboardInterrupt: the best evaluated parameters, status ``"interrupted"``."""
+        self._stop_with_best("interrupted")
 
     def result(self, extra: dict[str, Any] | None = None, *, per_layer: bool = False) -> OptimizeResult:
         steering = {k: p.detach() for k, p in self.steering.items()}
@@ -406,7 +517,8 @@ class JobState:
             out["vec_history"] = self.vec_history
         return OptimizeResult(steering=steering, options=self.options, iters=self.steps, losses=self.losses,
                               completion_losses=nest_losses(self.seqs, self.losses.tolist(), self.n_dp),
-                              loss_history=self.history, status=self.status, extra=out, per_layer=per_layer)
+                              loss_history=self.history, status=self.status, extra=out, per_layer=per_layer,
+                              evals=self.evals)
 
 
 # ---------------------------------------------------------------------------- steering of a round
@@ -514,31 +626,57 @@ def run_jobs(engine: LossEngine, states: Sequence[JobState], *, progress: bool |
     tangent_gradients(engine, states, layers, d, device)
     for st in states:
         st.begin()
-    active = list(states)
-    members: list[int] | None = None
+        if st.options.optimizer == "lbfgs":
+            st.reeval = _reevaluate(engine, st, layers, signs, device)
     bar = progress_bar(max(st.options.step_cap for st in states) + 1, desc, progress=progress, unit="eval")
     try:
-        while active:
-            for st in active:
-                st.prepare(d)
-            active = [st for st in active if not st.done]
-            if not active:
-                break
-            now = [id(st) for st in active]
-            if members is not None and members != now:
-                engine.forget(None)  # the active set changed: drop the old batches' caches
-            members = now
-            for j in range(max(st.passes for st in active)):
-                group = [st for st in active if st.passes > j]
-                run_pass(engine, group, j, layers, signs, device, dp_len if len(states) > 1 else None)
-            for st in active:
-                assert st.round_losses is not None
-                st.after_eval(st.round_losses / st.passes)
-            active = [st for st in active if not st.done]
-            bar.update(1)
-            if len(states) == 1 and states[0].history:
-                bar.set_postfix(loss=f"{states[0].history[-1]:.4g}")
+        _rounds(engine, states, layers, signs, device, dp_len, d, bar)
+    except KeyboardInterrupt:
+        running = [st for st in states if not st.done]
+        if not running or not all(st.options.return_on_interrupt and st.history for st in running):
+            raise
+        for st in running:
+            st.finish_interrupted()
     finally:
         bar.close()
         if len(states) > 1:
             engine.forget(None)
+
+
+def _reevaluate(engine: LossEngine, st: JobState, layers: Sequence[int], signs: torch.Tensor,
+                device: torch.device) -> Callable[[], torch.Tensor]:
+    """One more evaluation of ``st`` alone (forward + backward): its losses (this round's subset, nats)."""
+    def run() -> torch.Tensor:
+        st.round_losses = None
+        run_pass(engine, [st], 0, layers, signs, device, None)
+        assert st.round_losses is not None
+        return st.round_losses
+    return run
+
+
+def _rounds(engine: LossEngine, states: Sequence[JobState], layers: Sequence[int], signs: torch.Tensor,
+            device: torch.device, dp_len: dict[int, int], d: int, bar: Any) -> None:
+    """The rounds of :func:`run_jobs` until every job has stopped."""
+    active = list(states)
+    members: list[int] | None = None
+    while active:
+        for st in active:
+            st.prepare(d)
+        active = [st for st in active if not st.done]
+        if not active:
+            break
+        now = [id(st) for st in active]
+        if members is not None and members != now:
+            engine.forget(None)  # the active set changed: drop the old batches' caches
+        members = now
+        for j in range(max(st.passes for st in active)):
+            group = [st for st in active if st.passes > j and not st.from_cache]
+            if group:
+                run_pass(engine, group, j, layers, signs, device, dp_len if len(states) > 1 else None)
+        for st in active:
+            assert st.round_losses is not None
+            st.after_eval(st.round_losses / st.passes)
+        active = [st for st in active if not st.done]
+        bar.update(1)
+        if len(states) == 1 and states[0].history:
+            bar.set_postfix(loss=f"{states[0].history[-1]:.4g}")

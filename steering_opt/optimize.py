@@ -6,9 +6,12 @@ returns, is a thin layer over it in :mod:`steering_opt.compat.llm_steering_opt`)
 * checks every argument (:class:`~steering_opt.options.OptimizeOptions`) before any model work;
 * tokenises once, then hands per-completion losses (nats) to an engine (``engine="fast"`` by default,
   ``"reference"`` for the naive algorithm);
-* optimises with Adam (constant lr), projecting after every step (``‖v‖ ≤ max_norm``, affine factor
-  rows ``≤ max_affine_norm``), for exactly ``max_iters`` steps or until ``target_loss``
-  (:mod:`steering_opt.loop`);
+* optimises with ``optimizer`` (Adam at a constant lr by default; :mod:`steering_opt.optimizers`),
+  projecting after every step (``‖v‖ ≤ max_norm``, affine factor rows ``≤ max_affine_norm``), for
+  ``max_iters`` steps or until ``target_loss``, a plateau of the loss (``plateau_patience`` /
+  ``plateau_rel_tol``), ``time_budget_s`` or ``callback`` stops it (:mod:`steering_opt.loop`); with
+  ``return_on_interrupt=True`` a KeyboardInterrupt returns the best parameters seen (status
+  ``"interrupted"``) instead of propagating;
 * optionally runs the output-constrained phase (smallest norm that keeps the losses on target);
 * leaves the model exactly as it found it (weights, hooks, ``requires_grad`` flags, train/eval
   mode), also when it raises or is interrupted.
@@ -134,6 +137,9 @@ def optimize(
     d = arch.hidden_size(model)
     opts.check(d)
     validate.integer("minibatch_size", minibatch_size, 1, allow_none=True)
+    if opts.optimizer == "lbfgs" and minibatch_size is not None and minibatch_size < len(dps):
+        raise ValueError("`optimizer='lbfgs'` needs the same loss at every step: it cannot be combined with "
+                         "`minibatch_size`")
     group = None
     if distributed is not False:
         from .parallel import resolve_distributed
@@ -152,7 +158,15 @@ def optimize(
     gen = make_generator(opts.seed)
     with frozen_model(model):
         steering = initial_steering(model, layers, opts, gen, per_layer=per_layer)
-        state = JobState(steering, seqs, len(dps), opts, gen, reg_fn=regularizer(opts), subset_fn=subset_fn)
+        # --- KL fluency term (steering_opt.kl; owned by the fluency work): None when kl_weight == 0
+        kl_term: Any = None
+        if opts.kl_weight:
+            from .kl import KLTerm, with_kl
+
+            kl_term = KLTerm.build(model, tokenizer, layers, opts)
+        reg_fn = regularizer(opts) if kl_term is None else with_kl(regularizer(opts), kl_term)
+        # --- end KL fluency term
+        state = JobState(steering, seqs, len(dps), opts, gen, reg_fn=reg_fn, subset_fn=subset_fn)
         objective = Objective(coldness=opts.coldness, do_one_minus=opts.do_one_minus,
                               normalize_token_length=opts.normalize_token_length)
         eng: LossEngine = make_engine(opts.engine, model, seqs, layers, objective,
@@ -167,7 +181,7 @@ def optimize(
             eng = wrapped
         run_jobs(eng, [state], progress=opts.progress, desc="optimize")
         result = state.result(extra, per_layer=per_layer)
-        if opts.do_output_constr and state.status != "nonfinite":
+        if opts.do_output_constr and state.status not in ("nonfinite", "interrupted"):
             custom = None
             if custom_output_constr_loss_func is not None:
                 loss_func = custom_output_constr_loss_func
@@ -184,6 +198,8 @@ def optimize(
             result = state.result(extra, per_layer=per_layer)
             result.extra.update(output_constr_iters=it, constraints_satisfied=ok,
                                 output_constr_norm_history=history, norm_before_output_constr=norm0)
+        if kl_term is not None:  # KL fluency term: info['kl'] of the returned parameters, info['kl_history']
+            result.extra.update(kl_term.report(result.steering))
     result.provenance = provenance(model, dps)
     return result
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 DEFAULT_MAX_ITERS = 1000
 #: Step cap of the output-constrained phase when ``max_output_constr_iters`` is None.
 DEFAULT_OUTPUT_CONSTR_ITERS = 200
+#: The values of ``optimizer`` (see :mod:`steering_opt.loop`).
+OPTIMIZERS = ("adam", "adam_cosine", "normalized", "lbfgs")
 
 
 def _f(default: Any, help: str, *, cli: bool = True) -> Any:
@@ -40,12 +42,16 @@ class OptimizeOptions:
     """
 
     # --- optimiser
-    lr: float = _f(0.01, "Adam learning rate (constant).")
+    lr: float = _f(0.01, "Learning rate (Adam; the peak of the schedule with adam_cosine / normalized).")
     max_iters: int | None = _f(None, "Exact number of optimiser steps; None: until target/convergence "
                                      f"(at most {DEFAULT_MAX_ITERS}).")
     eps: float = _f(1e-6, "Convergence threshold on the loss change (nats), used when neither max_iters nor "
                           "target_loss is given.")
     seed: int | None = _f(None, "Seed of the initial parameters and the noise (reproducible trajectories).")
+    optimizer: str = _f("adam", "'adam' (constant lr), 'adam_cosine' (Adam, lr warm-up over 5% of the step cap then "
+                                "cosine decay to lr/10), 'normalized' (steps of length lr*sqrt(numel) along the "
+                                "gradient, same schedule) or 'lbfgs' (L-BFGS with strong-Wolfe line search; lr unused, "
+                                "no noise or minibatches).")
     # --- objective
     coldness: float = _f(0.7, "Inverse temperature applied to the logits in the loss.")
     normalize_token_length: bool = _f(False, "Divide each completion's loss by its token count.")
@@ -55,6 +61,17 @@ class OptimizeOptions:
     target_loss: float | None = _f(None, "Stop when the loss (nats) is at or below this.")
     do_target_loss_sum: bool = _f(True, "target_loss applies to the summed loss (True) or to every completion.")
     target_loss_target_iters: int = _f(1, "Consecutive evaluations at or below target_loss needed to stop.")
+    plateau_patience: int | None = _f(10, "Stop (status 'plateau') when the best loss improved by less than "
+                                          "plateau_rel_tol (relative) over this many steps; None: never.")
+    plateau_rel_tol: float = _f(0.01, "Relative improvement of the best loss over plateau_patience steps below which "
+                                      "the loop stops.")
+    time_budget_s: float | None = _f(None, "Wall-time budget (s): stop (status 'time_budget') and return the best "
+                                           "parameters seen once it is used up.")
+    callback: Callable[[int, float, dict[int, Steering]], bool | None] | None = _f(
+        None, "callback(step, loss, steering) after every evaluation (loss in nats, steering {layer: Steering}); "
+              "returning True stops (status 'callback') with the best parameters seen.", cli=False)
+    return_on_interrupt: bool = _f(False, "On KeyboardInterrupt return the best parameters seen (status "
+                                          "'interrupted') instead of re-raising.")
     satisfice: bool = _f(False, "Minimise (loss - target)^2 per completion (target: its own target loss, else "
                                 "target_loss): aim at the target instead of below it. Stops within eps of it.")
     loss_reduction: str = _f("sum", "How the completion losses of an evaluation combine into the reported loss, "
@@ -83,6 +100,12 @@ class OptimizeOptions:
     regularization_type: str = _f("l1", "'l1' or 'max'.")
     sparsity_weight: float = _f(0.0, "Weight of the sum of per-layer L2 norms.")
     entropy_weight: float = _f(0.0, "Weight of the entropy of softmax(per-layer norms): steer few layers.")
+    # --- fluency (steering_opt.kl): lambda * mean KL(unsteered || steered) on neutral prompts
+    kl_weight: float = _f(0.0, "Weight of the mean KL(unsteered || steered) of next-token distributions (nats, "
+                               "temperature 1) over every position of kl_prompts, added to the objective; "
+                               "info['loss'] stays the completion loss, the KL is info['kl']. 0: off.")
+    kl_prompts: tuple[str, ...] | None = _f(None, "Neutral prompts (plain text) of the KL term; None: the "
+                                                  "built-in steering_opt.kl.DEFAULT_KL_PROMPTS.", cli=False)
     # --- output-constrained phase
     do_output_constr: bool = _f(False, "After the first phase, minimise the norm while the losses stay on target.")
     output_constr_lr: float | None = _f(None, "Learning rate of that phase (None: lr).")
@@ -115,6 +138,16 @@ class OptimizeOptions:
             v.boolean(flag, getattr(self, flag))
         v.real("target_loss", self.target_loss, allow_none=True, finite=False, unit=" (nats)")
         v.integer("target_loss_target_iters", self.target_loss_target_iters, 1)
+        v.choice("optimizer", self.optimizer, OPTIMIZERS)
+        v.integer("plateau_patience", self.plateau_patience, 1, allow_none=True)
+        v.positive("plateau_rel_tol", self.plateau_rel_tol, allow_none=False, allow_zero=True)
+        v.positive("time_budget_s", self.time_budget_s)
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError(f"`callback` must be callable(step, loss, steering) or None, got "
+                            f"{type(self.callback).__name__}")
+        v.boolean("return_on_interrupt", self.return_on_interrupt)
+        if self.optimizer == "lbfgs" and self.noise_scale:
+            raise ValueError("`optimizer='lbfgs'` needs a deterministic loss: it cannot be combined with `noise_scale`")
         v.choice("loss_reduction", self.loss_reduction, ("sum", "mean"))
         v.integer("noise_iters", self.noise_iters, 1)
         v.positive("max_norm", self.max_norm, allow_zero=True)
@@ -133,8 +166,14 @@ class OptimizeOptions:
         if self.parameterization is not None and (self.affine_rank is not None or self.vector_clamp is not None):
             raise ValueError("`parameterization` replaces `vector_clamp` / `affine_rank`: give one or the other")
         v.positive("noise_scale", self.noise_scale, allow_zero=True)
-        for name in ("regularization_weight", "sparsity_weight", "entropy_weight"):
+        for name in ("regularization_weight", "sparsity_weight", "entropy_weight", "kl_weight"):
             v.positive(name, getattr(self, name), allow_none=False, allow_zero=True)
+        if self.kl_prompts is not None:
+            if not isinstance(self.kl_prompts, (list, tuple)) or not self.kl_prompts \
+                    or not all(isinstance(p, str) and p for p in self.kl_prompts):
+                raise ValueError(f"`kl_prompts` must be a non-empty sequence of non-empty strings or None, got "
+                                 f"{self.kl_prompts!r:.80}")
+            object.__setattr__(self, "kl_prompts", tuple(self.kl_prompts))
         v.choice("regularization_type", self.regularization_type, ("l1", "max"))
         v.lr("output_constr_lr", self.output_constr_lr, allow_none=True)
         v.integer("max_output_constr_iters", self.max_output_constr_iters, 0, allow_none=True)

@@ -121,8 +121,12 @@ def planned_passes(lengths: Sequence[int], batch_size: int, *, generate: int = 0
 def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
                   do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int,
                   batch_size: int) -> list[list[int]]:
-    """Generated token ids after each prompt (KV cache, left padding, cut before the first EOS)."""
+    """Generated token ids after each prompt (KV cache, left padding, cut before the first EOS). Sampling
+    (``do_sample`` and ``temperature > 0``; temperature 0 is greedy) seeds length batch ``b`` with
+    ``(seed + b) mod 2**63``."""
     from transformers import GenerationConfig
+
+    do_sample = do_sample and temperature > 0
 
     arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
     pad = pad_token_id(tokenizer, model)
@@ -140,7 +144,7 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], 
         with contextlib.ExitStack() as stack:
             if do_sample:
                 stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
-                torch.manual_seed(seed + b)
+                torch.manual_seed((seed + b) % 2**63)
             gen = model.generate(  # type: ignore[operator]  # nn.Module's typing does not know HF's generate()
                 input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
         for r, i in enumerate(idx):

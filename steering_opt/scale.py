@@ -31,7 +31,7 @@ __all__ = ["Job", "optimize_many"]
 #: Options a batched job cannot have (they need a run of their own: use ``optimize``).
 UNSUPPORTED = ("do_output_constr", "output_constr_lr", "max_output_constr_iters", "output_constr_damping",
                "output_constr_patience", "output_constr_norm_initial_scale", "engine", "max_batch_tokens",
-               "progress")
+               "progress", "return_on_interrupt")
 JOB_OPTIONS = tuple(n for n in OptimizeOptions.field_names() if n not in UNSUPPORTED)
 
 
@@ -179,10 +179,17 @@ def optimize_many(
     evals = sum(max(checked[i][0].step_cap for i in members) + 1 for members in groups.values())  # steps + 1
     with frozen_model(model), overall(evals, "optimize_many", progress=progress, unit="eval") as bar:
         states: list[JobState] = []
+        kl_terms: dict[int, Any] = {}  # job -> its KL fluency term (kl_weight > 0)
         for i, (opts, layers, dps) in enumerate(checked):  # in job order: seed=None draws from torch's RNG
             gen = make_generator(opts.seed)
             steering = initial_steering(model, sorted(layers), opts, gen)
-            states.append(JobState(steering, job_seqs[i], len(dps), opts, gen, reg_fn=regularizer(opts),
+            reg_fn = regularizer(opts)
+            if opts.kl_weight:  # --- KL fluency term (steering_opt.kl): one term per job, run beside the batch
+                from .kl import KLTerm, with_kl
+
+                kl_terms[i] = KLTerm.build(model, tokenizer, sorted(layers), opts)
+                reg_fn = with_kl(reg_fn, kl_terms[i])
+            states.append(JobState(steering, job_seqs[i], len(dps), opts, gen, reg_fn=reg_fn,
                                    name=jobs[i].name))
         for key, members in groups.items():
             group = [states[i] for i in members]
@@ -200,6 +207,8 @@ def optimize_many(
             for i in members:
                 result = states[i].result(None if jobs[i].name is not None else {"job": i})
                 result.provenance = provenance(model, checked[i][2])
+                if i in kl_terms:  # KL fluency term: info['kl'], info['kl_history']
+                    result.extra.update(kl_terms[i].report(result.steering))
                 results[i] = result
                 states[i].opt = None  # free the optimiser state early
     return [r for r in results if r is not None]

@@ -38,12 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import arch
+from . import arch, validate
 from .contrastive import contrastive_vector
 from .data import TrainingDatapoint, encode
 from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, check_prompts
 from .hooks import capture_inputs, frozen_model
 from .optimize import optimize
+from .options import OptimizeOptions
 from .passes import Prompt, format_prompt
 from .plots import plot_success_vs_strength, plot_sweep_heatmap
 from .progress import check_progress, overall
@@ -53,6 +54,7 @@ from .vector import SteeringVector
 __all__ = [
     "DEFAULT_KL_WEIGHT",
     "DEFAULT_OPTIMIZE_KWARGS",
+    "DEFAULT_SCREEN_STEPS",
     "GENERIC_CHAT_PROMPTS",
     "GENERIC_PROMPTS",
     "SweepResult",
@@ -101,6 +103,9 @@ DEFAULT_OPTIMIZE_KWARGS: dict[str, Any] = {"lr": 0.1, "max_iters": 30}
 
 #: Weight of the neutral-prompt KL (nats) against the per-token margin gain (nats) in ``"margin"``.
 DEFAULT_KL_WEIGHT = 1.0
+
+#: Optimiser steps of auto_steer's screening stage (every candidate layer and norm cap gets this many).
+DEFAULT_SCREEN_STEPS = 8
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -291,6 +296,21 @@ def _criterion_fn(criterion: str | Callable[[dict], float], kl_weight: float) ->
                      f"got {criterion!r}")
 
 
+def _measure(ev: Evaluator, vec: SteeringVector, layer: int, name: str, mults: Sequence[float], extra: dict[str, Any],
+             per_token: float, crit_fn: Callable[[dict], float]) -> list[dict[str, Any]]:
+    """One table row per multiplier: ``vec`` (the variant ``name`` at ``layer``) measured by ``ev``."""
+    rows = []
+    for m in mults:
+        res = ev.evaluate(vec, m, label=f"{name}@{layer}")
+        row: dict[str, Any] = {"layer": layer, "variant": name, "multiplier": float(m),
+                               "norm": float(vec.layer_activations[layer].norm()), **extra, **res.summary}
+        if row.get("margin_gain") is not None:
+            row["margin_gain_per_token"] = row["margin_gain"] / per_token
+        row["criterion"] = crit_fn(row)
+        rows.append(row)
+    return rows
+
+
 def _rank_key(row: dict) -> tuple:
     crit = row.get("criterion")
     crit = -math.inf if crit is None or (isinstance(crit, float) and math.isnan(crit)) else crit
@@ -307,11 +327,6 @@ def _variants(max_norms: Sequence[float | None], clamps: Sequence[float]) -> lis
     for c in clamps:
         out.append((f"clamp={c:g}", {"vector_clamp": float(c)}))
     return out
-
-
-def _contrastive_vector(model: nn.Module, tokenizer: Any, train: Sequence[Any], layer: int,
-                        kwargs: dict[str, Any]) -> SteeringVector:
-    return contrastive_vector(model, tokenizer, list(train), layers=[layer], **kwargs)
 
 
 def _cap(vec: SteeringVector, opts: dict[str, Any]) -> SteeringVector:
@@ -478,24 +493,17 @@ def sweep(
                 vec = SteeringVector.from_optimization(v, info, layer, clamp=opts.get("vector_clamp"),
                                                        metadata={"variant": name})
             elif isinstance(method, str):  # "contrastive" (checked above)
-                vec = _cap(_contrastive_vector(model, tokenizer, train_items, layer, dict(contrastive_kwargs or {})),
-                           opts)
+                vec = _cap(contrastive_vector(model, tokenizer, list(train_items), layers=[layer],
+                                              **dict(contrastive_kwargs or {})), opts)
             else:
                 vec = method(model, tokenizer, train_items, layer, **opts)
                 if not isinstance(vec, SteeringVector):
                     raise TypeError(f"`method` must return a SteeringVector, got {type(vec).__name__}")
             build_s = time.perf_counter() - t0
             vectors[(layer, name)] = vec
-            for m in mults:
-                res = ev.evaluate(vec, m, label=f"{name}@{layer}")
-                row: dict[str, Any] = {"layer": layer, "variant": name, "multiplier": float(m),
-                                       "norm": float(vec.layer_activations[layer].norm()),
-                                       "train_loss": info.get("loss") if isinstance(info.get("loss"), float) else None,
-                                       "build_s": build_s, **res.summary}
-                if row.get("margin_gain") is not None:
-                    row["margin_gain_per_token"] = row["margin_gain"] / mean_comp_tokens
-                row["criterion"] = crit_fn(row)
-                table.append(row)
+            loss = info.get("loss") if isinstance(info.get("loss"), float) else None
+            table += _measure(ev, vec, layer, name, mults, {"train_loss": loss, "build_s": build_s}, mean_comp_tokens,
+                              crit_fn)
             cost = time.perf_counter() - t0 if cost is None else max(cost, time.perf_counter() - t0)
             bar.update(1)
     best = max(table, key=_rank_key) if table else None
@@ -527,16 +535,20 @@ def auto_steer(
     kl_weight: float = DEFAULT_KL_WEIGHT,
     neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS,
     optimize_kwargs: dict[str, Any] | None = None,
+    screen_steps: int = DEFAULT_SCREEN_STEPS,
+    finalists: int = 1,
     seed: int = 0,
     progress: bool | None = None,
 ) -> tuple[SteeringVector, SweepResult]:
-    """From datapoint(s) to a steering vector that works: optimise a vector at each candidate layer and
-    norm cap, measure it at each strength on validation prompts, return the best.
+    """From datapoint(s) to a steering vector that works, chosen by measurement on validation prompts.
 
-    Default success signal (no ``scorer``): the promoted completions' log-prob gain over the suppressed
-    ones on the validation prompts (nats per token) minus ``kl_weight`` × the KL (nats) on neutral
-    prompts. With a ``scorer``, the configurations are ranked by that signal first, and the best few are
-    then judged by generating on the validation prompts (fluent success rate; ties: the signal).
+    Signal (no ``scorer``): the promoted completions' log-prob gain over the suppressed ones on the validation
+    prompts (nats per token) minus ``kl_weight`` × the KL (nats) on neutral prompts (unsteered distributions
+    computed once). Stages: (1) each (layer, norm cap) gets ``screen_steps`` optimiser steps and is measured at
+    strength 1 (at every multiplier when nothing is finished later); (2) the ``finalists`` best by the signal
+    continue from there to the full step count (``optimize_kwargs['max_iters']``, default 30) and are measured at
+    every multiplier; (3) with a ``scorer``, the 6 best rows by the signal are judged by generating (fluent success
+    rate; ties: the signal).
 
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.
@@ -544,104 +556,143 @@ def auto_steer(
         validation_prompts: held-out prompts (default: the built-in generic prompts, chat or plain
             like the datapoints' prompts).
         scorer: optional success scorer or spec (``"refusal"``, ``"language:es"``, ...).
-        time_budget_s: soft wall-time budget (s); the sweep stops starting new configurations when it
-            would be exceeded (see :func:`sweep`). ``None``: the full default grid (about 1–3 minutes
-            for SmolLM2-135M on 2 CPU cores).
-        layers: candidate layers (default: 15%, 25%, 35%, 45% of the depth).
-        multipliers: candidate strengths.
-        norm_fractions: norm caps as fractions of the median residual-stream norm at each layer
-            (``None`` = no cap).
+        time_budget_s: soft wall-time budget (s): no configuration is started (screened, finished or judged)
+            once the elapsed time plus the mean cost of one would exceed it. ``None``: the full grid.
+        layers, multipliers: candidate layers (default: 15%, 25%, 35%, 45% of the depth) and strengths.
+        norm_fractions: norm caps as fractions of the median residual-stream norm at each layer (``None``: no cap).
         kl_weight, neutral_prompts: the KL penalty.
         optimize_kwargs: extra :func:`~steering_opt.optimize.optimize` options (default: lr 0.1, 30 steps).
+        screen_steps, finalists: steps of the screening stage; configurations finished (None: all).
         seed: the optimiser's seed.
-        progress: one bar over the configurations ("configuration k/N": layer × norm cap in the first stage,
-            then those judged by generation), with an ETA: ``None`` (default) when a person is watching
-            (Jupyter, or stderr a terminal; ``STEERING_OPT_PROGRESS=0/1`` overrides), ``True`` / ``False``.
+        progress: one bar over the configurations (screened, finished, judged), with an ETA: ``None`` (default)
+            when a person is watching (see :mod:`steering_opt.progress`), ``True`` / ``False``.
 
     Returns:
-        ``(steering, report)``: the chosen :class:`SteeringVector` already scaled by its strength (apply
-        it with ``steering.apply(model)``), and the :class:`SweepResult` it was chosen from (its
-        ``table``, ``best``, ``notes``; ``report.plot_heatmap()``).
+        ``(steering, report)``: the chosen :class:`SteeringVector` scaled by its strength (``steering.apply(model)``)
+        and the :class:`SweepResult` (``table``: a row per configuration and multiplier, with ``steps`` and
+        ``stage``; ``best``, ``notes``, ``report.plot_heatmap()``).
     """
-    if isinstance(datapoints, TrainingDatapoint):
-        datapoints = [datapoints]
-    if not isinstance(datapoints, Sequence) or not datapoints:
-        raise ValueError("`datapoints` must be a non-empty list of TrainingDatapoint")
-    for i, dp in enumerate(datapoints):
-        if not isinstance(dp, TrainingDatapoint):
-            raise TypeError(f"`datapoints[{i}]` must be a TrainingDatapoint, got {type(dp).__name__}")
+    datapoints = validate.datapoints(datapoints)
     if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
         raise ValueError(f"`time_budget_s` must be a positive number of seconds or None, got {time_budget_s!r}")
     fracs = _check_numbers("norm_fractions", norm_fractions, allow_none=True, positive=True)
+    mults = _check_numbers("multipliers", multipliers)
+    validate.integer("screen_steps", screen_steps, 1)
+    validate.integer("finalists", finalists, 1, allow_none=True)
+    if not isinstance(kl_weight, (int, float)) or kl_weight < 0:
+        raise ValueError(f"`kl_weight` must be a non-negative number, got {kl_weight!r}")
     check_progress(progress)
     scorer_fn = get_scorer(scorer) if scorer is not None else None
+    opt_kwargs = {**DEFAULT_OPTIMIZE_KWARGS, "seed": seed, **(optimize_kwargs or {})}
+    OptimizeOptions.build(None, opt_kwargs)  # a bad option fails here, before any model work
+    full = opt_kwargs.get("max_iters")
+    screen = screen_steps if full is None else min(screen_steps, full)
     start = time.perf_counter()
     layer_list = _default_layers(model) if layers is None else [
         arch.resolve_layer(model, x, name="layers") for x in _check_numbers("layers", layers)]
     chat = all(looks_like_chat(tokenizer, dp.prompt) for dp in datapoints)
-    val = check_prompts(validation_prompts, "validation_prompts") if validation_prompts is not None else \
-        list(GENERIC_CHAT_PROMPTS if chat else GENERIC_PROMPTS)
-
-    # stage 1: cheap log-prob signal over the grid (one sweep per layer so norm caps can be per-layer)
-    stage1_budget = None if time_budget_s is None else time_budget_s * (0.6 if scorer_fn is not None else 1.0)
+    val: list[Prompt] = check_prompts(validation_prompts, "validation_prompts") \
+        if validation_prompts is not None else list(GENERIC_CHAT_PROMPTS if chat else GENERIC_PROMPTS)
+    ev = Evaluator(model, tokenizer, val, promote=_unique([c for dp in datapoints for c in dp.dst_completions]) or None,
+                   suppress=_unique([c for dp in datapoints for c in dp.src_completions]) or None,
+                   neutral_prompts=neutral_prompts, chat=chat, generate=False)
+    comp_tokens = [len(x) for x in ev.promote_ids + ev.suppress_ids]
+    per_token = sum(comp_tokens) / len(comp_tokens)
+    crit_fn = _criterion_fn("margin", float(kl_weight))
     norms_at: dict[int, float] = {}
     if any(f is not None for f in fracs):
         norms_at = residual_norms(model, tokenizer, val[:4], layer_list, chat=chat)
+    configs = [(layer, f, None if f is None else f * norms_at[layer]) for layer in layer_list for f in fracs]
+    n_final = 0 if full is not None and full <= screen else len(configs) if finalists is None else finalists
     table: list[dict[str, Any]] = []
     vectors: dict[tuple[int, str], SteeringVector] = {}
     notes: list[str] = []
     n_stage2 = 6 if scorer_fn is not None else 0
-    with overall(len(layer_list) * len(fracs) + n_stage2, "auto_steer", progress=progress, unit="config") as bar:
-        for i, layer in enumerate(layer_list):
-            used = time.perf_counter() - start
-            if stage1_budget is not None and i > 0:
-                per_layer = used / i
-                if used + per_layer > stage1_budget:
-                    notes.append(f"time budget: measured {i} of {len(layer_list)} candidate layers")
-                    break
-            caps = [None if f is None else f * norms_at[layer] for f in fracs]
-            res = sweep(model, tokenizer, list(datapoints), layers=[layer], multipliers=multipliers, max_norms=caps,
-                        validation_prompts=val, chat=chat, criterion="margin", kl_weight=kl_weight,
-                        neutral_prompts=neutral_prompts, generate=False, optimize_kwargs=optimize_kwargs, seed=seed)
-            for row in res.table:
-                frac = next((f for f, c in zip(fracs, caps) if (c is None and row["variant"] == "additive") or
-                             (c is not None and row["variant"] == f"max_norm={c:g}")), None)
-                row["norm_fraction"] = frac
-            table.extend(res.table)
-            vectors.update(res.vectors)
+    screen_budget = None if time_budget_s is None else time_budget_s * (0.6 if scorer_fn is not None else 1.0)
+    with overall(len(configs) + n_final + n_stage2, "auto_steer", progress=progress, unit="config") as bar:
+        ev.baseline()
+        runs: dict[tuple[int, str], tuple[Any, float | None]] = {}
+
+        # screening measures at one strength (1, or the middle one) when a finishing stage follows
+        at = mults if n_final == 0 else [1.0 if 1.0 in mults else sorted(mults)[len(mults) // 2]]
+
+        def build(layer: int, frac: float | None, cap: float | None, stage: str, **kw: Any) -> None:
+            name = "additive" if cap is None else f"max_norm={cap:g}"
+            bar.set_postfix(f"{stage}: layer {layer}, {name}")
+            t0 = time.perf_counter()
+            res = optimize(model, tokenizer, list(datapoints), layer, **{**opt_kwargs, **kw,
+                                                                          **({} if cap is None else {"max_norm": cap})})
+            vec = SteeringVector.from_optimization(res.vector, res.info, layer, metadata={"variant": name})
+            vectors[(layer, name)] = vec
+            steps = res.iters + (runs[(layer, name)][0].iters if stage == "finish" else 0)
+            table[:] = [r for r in table if (r["layer"], r["variant"]) != (layer, name)]
+            extra = {"norm_fraction": frac, "train_loss": res.loss, "build_s": time.perf_counter() - t0,
+                     "steps": steps, "stage": stage}
+            table.extend(_measure(ev, vec, layer, name, mults if stage == "finish" else at, extra, per_token, crit_fn))
+            runs[(layer, name)] = (res, cap)
+            bar.update(1)
+
+        done = _budgeted(configs, start, screen_budget, notes, "screened",
+                         lambda c: build(c[0], c[1], c[2], stage="screen", max_iters=screen))
+        ranked = sorted(runs, key=lambda k: max(_rank_key(r) for r in table if (r["layer"], r["variant"]) == k),
+                        reverse=True)
+        todo = [k for k in ranked[:n_final] if runs[k][0].status == "max_iters"]
+        bar.set_total(done + len(todo) + n_stage2)
+        _budgeted(todo, start, screen_budget, notes, "finished",
+                  lambda k: build(k[0], next(r["norm_fraction"] for r in table if (r["layer"], r["variant"]) == k),
+                                  runs[k][1], stage="finish", starting_vec=runs[k][0].vector,
+                                  max_iters=None if full is None else full - screen, seed=seed + 1))
         criterion = "margin"
-        if scorer_fn is not None and table:
-            # stage 2: generate on the validation prompts for the best configurations by the signal
-            criterion = "fluent_success"
-            ev = Evaluator(model, tokenizer, val, scorer=scorer_fn, neutral_prompts=None, chat=chat, generate=True,
-                           max_new_tokens=32)
-            ev.baseline()
-            ranked = sorted(table, key=_rank_key, reverse=True)
-            bar.set_total(bar.n + min(len(ranked), 6))
-            judged = 0
-            t_stage2 = time.perf_counter()
-            for row in ranked[:6]:
-                if time_budget_s is not None and judged > 0:
-                    per = (time.perf_counter() - t_stage2) / judged
-                    if time.perf_counter() - start + per > time_budget_s:
-                        notes.append(f"time budget: judged {judged} configurations by generation")
-                        break
-                r = ev.evaluate(vectors[(row["layer"], row["variant"])], row["multiplier"])
-                for key in ("success_rate", "fluent_success_rate", "distinct2", "perplexity"):
-                    row[key] = r.summary[key]
-                row["signal"] = row["criterion"]
-                judged += 1
-                bar.update(1)
-            for row in table:
-                row.setdefault("signal", row["criterion"])
-                row["criterion"] = row.get("fluent_success_rate")
-            best = max((r for r in table if r.get("fluent_success_rate") is not None),
-                       key=lambda r: (r["fluent_success_rate"], r["signal"]))
-        else:
-            best = max(table, key=_rank_key)
+        best = max(table, key=_rank_key)
+        if scorer_fn is not None:
+            criterion, best = "fluent_success", _judge(model, tokenizer, val, chat, scorer_fn, table, vectors, bar,
+                                                       start, time_budget_s, notes)
     report = SweepResult(table=table, best=best, criterion=criterion, vectors=vectors, validation_prompts=val,
                          chat=chat, notes=notes, time_s=time.perf_counter() - start)
     steering = report.best_steering()
     steering.metadata["method"] = "auto_steer"
     return steering, report
+
+
+def _budgeted(items: Sequence[Any], start: float, budget: float | None, notes: list[str], what: str,
+              fn: Callable[[Any], None]) -> int:
+    """Call ``fn`` on each item while the budget allows one more (at the mean cost so far; the first always
+    runs); returns how many ran."""
+    t0 = time.perf_counter()
+    for i, item in enumerate(items):
+        if budget is not None and i > 0:
+            now = time.perf_counter()
+            if now - start + (now - t0) / i > budget:
+                notes.append(f"time budget: {what} {i} of {len(items)} configurations")
+                return i
+        fn(item)
+    return len(items)
+
+
+def _judge(model: nn.Module, tokenizer: Any, val: list[Prompt], chat: bool, scorer_fn: Any, table: list[dict],
+           vectors: dict[tuple[int, str], SteeringVector], bar: Any, start: float, time_budget_s: float | None,
+           notes: list[str]) -> dict[str, Any]:
+    """auto_steer's last stage: generate on the validation prompts for the 6 best rows by the signal; the best
+    row by fluent success rate (ties: the signal)."""
+    ev = Evaluator(model, tokenizer, val, scorer=scorer_fn, neutral_prompts=None, chat=chat, generate=True,
+                   max_new_tokens=32)
+    ev.baseline()
+    ranked = sorted(table, key=_rank_key, reverse=True)[:6]
+    bar.set_total(bar.n + len(ranked))
+
+    def judge(row: dict[str, Any]) -> None:
+        r = ev.evaluate(vectors[(row["layer"], row["variant"])], row["multiplier"])
+        for key in ("success_rate", "fluent_success_rate", "distinct2", "perplexity"):
+            row[key] = r.summary[key]
+        row["signal"] = row["criterion"]
+        bar.update(1)
+
+    _budgeted(ranked, start, time_budget_s, notes, "judged by generation", judge)
+    for row in table:
+        row.setdefault("signal", row["criterion"])
+        row["criterion"] = row.get("fluent_success_rate")
+    return max((r for r in table if r.get("fluent_success_rate") is not None),
+               key=lambda r: (r["fluent_success_rate"], r["signal"]))
+
+
 __import__("steering_opt.util").util.make_module_callable(__name__)  # calling the module calls sweep()

@@ -244,6 +244,33 @@ def test_auto_steer_with_scorer_and_budget(tiny_llama, tokenizer) -> None:
         auto_steer(tiny_llama, tokenizer, [DP], time_budget_s=-1)
 
 
+def test_auto_steer_screens_then_finishes_and_counts_configurations(tiny_llama, tokenizer, monkeypatch) -> None:
+    import contextlib
+
+    from steering_opt import sweep as sweep_module
+
+    bars = []
+    real = sweep_module.overall
+
+    @contextlib.contextmanager
+    def spy(*args, **kwargs):
+        with real(*args, **kwargs) as bar:
+            bars.append(bar)
+            yield bar
+
+    monkeypatch.setattr(sweep_module, "overall", spy)
+    _, report = auto_steer(tiny_llama, tokenizer, [DP], validation_prompts=VAL, layers=[0, 1, 2],
+                           multipliers=[0.5, 1.0], neutral_prompts=NEUTRAL, screen_steps=2, finalists=1,
+                           optimize_kwargs={"lr": 0.1, "max_iters": 5, "plateau_patience": None}, progress=False)
+    (bar,) = bars
+    assert bar.n == bar.total == 3 + 1  # three screened configurations, one finished
+    stages = {(r["layer"], r["stage"], r["steps"]) for r in report.table}
+    assert len(report.table) == 2 + 2 and sum(s == "finish" for _, s, _ in stages) == 1  # screened at x1 only
+    assert {steps for _, s, steps in stages if s == "screen"} == {2}
+    assert [steps for _, s, steps in stages if s == "finish"] == [5]
+    assert report.best is max(report.table, key=lambda r: (r["criterion"], -r["kl"], -abs(r["multiplier"])))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("steering_opt.contrastive") is None, reason="contrastive.py not landed")
 def test_sweep_contrastive(tiny_llama, tokenizer) -> None:
     from steering_opt.contrastive import ContrastPair

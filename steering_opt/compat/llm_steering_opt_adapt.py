@@ -53,9 +53,10 @@ def check_reference_flags(fn: str, model: nn.Module, use_transformer_lens: Any,
 
 
 def option_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``values`` (e.g. a function's ``locals()``) that are :class:`OptimizeOptions` fields."""
+    """The entries of ``values`` (e.g. a function's ``locals()``) that are :class:`OptimizeOptions` fields, with
+    the reference's stopping rule: no plateau stop (``plateau_patience=None``) unless ``values`` sets one."""
     names = set(OptimizeOptions.field_names())
-    return {k: v for k, v in values.items() if k in names}
+    return {"plateau_patience": None, **{k: v for k, v in values.items() if k in names}}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
