@@ -46,6 +46,19 @@ def test_split_train_validation() -> None:
         split_train_validation(items, 1.5)
     with pytest.raises(ValueError, match="at least 2"):
         split_train_validation([1], 0.5)
+    for bad, exc in (("1", TypeError), (None, TypeError), (-1, ValueError), (2**63, ValueError)):
+        with pytest.raises(exc, match="`seed`"):
+            split_train_validation(items, 0.3, seed=bad)
+
+
+@pytest.mark.parametrize("bad", ["0", None, 2**63])
+def test_sweeps_refuse_bad_seeds_before_any_work(tiny_llama, tokenizer, bad) -> None:
+    before = _state(tiny_llama)
+    with pytest.raises((TypeError, ValueError), match="`seed`"):
+        auto_steer(tiny_llama, tokenizer, [DP], layers=[1], validation_prompts=VAL, optimize_kwargs=FAST, seed=bad)
+    with pytest.raises((TypeError, ValueError), match="`seed`"):
+        sweep(tiny_llama, tokenizer, [DP], layers=[1], validation_prompts=VAL, optimize_kwargs=FAST, seed=bad)
+    assert _state(tiny_llama) == before
 
 
 def test_looks_like_chat(tokenizer) -> None:
