@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -127,7 +128,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
     if isinstance(args.max_iters, RecipeSteps):
         args.max_iters = args.max_iters.resolve(args.target_loss)
-    options = options_from_args(args)
+    # Ctrl-C during the optimisation stops it and saves the best vector so far (status "interrupted")
+    options = dataclasses.replace(options_from_args(args), return_on_interrupt=True)
     _check_optimize_args(args)
     check_model_options(args)
     datapoints = read_datapoints(args)

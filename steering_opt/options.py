@@ -71,7 +71,8 @@ class OptimizeOptions:
         None, "callback(step, loss, steering) after every evaluation (loss in nats, steering {layer: Steering}); "
               "returning True stops (status 'callback') with the best parameters seen.", cli=False)
     return_on_interrupt: bool = _f(False, "On KeyboardInterrupt return the best parameters seen (status "
-                                          "'interrupted') instead of re-raising.")
+                                          "'interrupted') instead of re-raising (the CLI always does, and saves).",
+                                   cli=False)
     satisfice: bool = _f(False, "Minimise (loss - target)^2 per completion (target: its own target loss, else "
                                 "target_loss): aim at the target instead of below it. Stops within eps of it.")
     loss_reduction: str = _f("sum", "How the completion losses of an evaluation combine into the reported loss, "

@@ -591,3 +591,25 @@ def test_jsonl_file_level_errors(tmp_path: Path) -> None:
         jsonl.load_datapoints(tmp_path / "latin1.jsonl")
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a", "dst_completions": ["x"]}\n')
     assert jsonl.load_datapoints(tmp_path / "bom.jsonl")[0].prompt == "a"
+
+
+def test_ctrl_c_during_optimize_saves_the_best_vector_so_far(capsys, model_dir: Path, data_dir: Path,
+                                                            tmp_path: Path, monkeypatch) -> None:
+    from steering_opt import engine
+
+    calls = {"n": 0}
+    real = engine.FastEngine.run
+
+    def run_then_interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.FastEngine, "run", run_then_interrupt)
+    code, out, err = run(capsys, "optimize", "--model", model_dir, "--datapoints", data_dir / "dps.jsonl",
+                         "--layer", "1", "--no-plot", "--max-iters", "20", "--out", tmp_path / "v")
+    assert code == 0, err
+    assert "(interrupted)" in out
+    saved = persist.load(tmp_path / "v")
+    assert saved.metadata["status"] == "interrupted" and saved.metadata["iters"] < 20
