@@ -108,16 +108,6 @@ DEFAULT_KL_WEIGHT = 1.0
 DEFAULT_SCREEN_STEPS = 8
 
 
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def _check_seed(seed: Any) -> int:
-    """``seed`` as an int in ``[0, 2**63)`` (None refused: the sweeps are reproducible by construction)."""
-    if seed is None:
-        raise TypeError("`seed` must be an int in [0, 2**63), got None")
-    return int(validate.seed("seed", seed))  # type: ignore[arg-type]
-
-
 def split_train_validation(items: Sequence[Any], val_fraction: float = 0.5, *, seed: int = 0
                            ) -> tuple[list[Any], list[Any]]:
     """Shuffle ``items`` (seeded) and split them into ``(train, validation)``; both non-empty when
@@ -128,7 +118,7 @@ def split_train_validation(items: Sequence[Any], val_fraction: float = 0.5, *, s
     if len(items) < 2:
         raise ValueError(f"need at least 2 items to split into train and validation, got {len(items)}")
     order = list(range(len(items)))
-    random.Random(_check_seed(seed)).shuffle(order)
+    random.Random(validate.seed("seed", seed, allow_none=False)).shuffle(order)
     n_val = min(max(round(val_fraction * len(items)), 1), len(items) - 1)
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
@@ -438,7 +428,7 @@ def sweep(
     if not isinstance(kl_weight, (int, float)) or kl_weight < 0:
         raise ValueError(f"`kl_weight` must be a non-negative number, got {kl_weight!r}")
     check_progress(progress)
-    _check_seed(seed)
+    validate.seed("seed", seed, allow_none=False)
     scorer_fn = get_scorer(scorer) if scorer is not None else None
     if criterion == "auto":
         criterion = "fluent_success" if scorer_fn is not None else "margin"
@@ -570,9 +560,8 @@ def auto_steer(
         norm_fractions: norm caps as fractions of the median residual-stream norm at each layer (``None``: no cap).
         kl_weight, neutral_prompts: the KL penalty.
         optimize_kwargs: extra :func:`~steering_opt.optimize.optimize` options (default: lr 0.1, 30 steps).
-        screen_steps, finalists: steps of the screening stage; how many configurations are finished (None,
-            the default: all, which chose as well as optimising every layer from scratch on the benchmark;
-            ``finalists=1`` is faster but chose a worse refusal layer there).
+        screen_steps, finalists: screening steps; configurations finished (None: all, which chose as well as
+            optimising every layer from scratch on the benchmark; 1 is faster but chose worse there).
         seed: the optimiser's seed.
         progress: one bar over the configurations (screened, finished, judged), with an ETA: ``None`` (default)
             when a person is watching (see :mod:`steering_opt.progress`), ``True`` / ``False``.
@@ -592,7 +581,7 @@ def auto_steer(
     if not isinstance(kl_weight, (int, float)) or kl_weight < 0:
         raise ValueError(f"`kl_weight` must be a non-negative number, got {kl_weight!r}")
     check_progress(progress)
-    _check_seed(seed)
+    validate.seed("seed", seed, allow_none=False)
     scorer_fn = get_scorer(scorer) if scorer is not None else None
     opt_kwargs = {**DEFAULT_OPTIMIZE_KWARGS, "seed": seed, **(optimize_kwargs or {})}
     OptimizeOptions.build(None, opt_kwargs)  # a bad option fails here, before any model work

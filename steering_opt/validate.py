@@ -68,10 +68,11 @@ def integer(name: str, value: Any, minimum: int, *, maximum: int | None = None, 
     return int(value)
 
 
-def seed(name: str, value: Any) -> int | None:
-    """A seed for ``torch.Generator.manual_seed``: None or an int in ``[0, 2**63)``."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-        raise TypeError(f"`{name}` must be an int or None, got {value!r:.60}")
+def seed(name: str, value: Any, *, allow_none: bool = True) -> int | None:
+    """A seed for ``torch.Generator.manual_seed``: an int in ``[0, 2**63)``, or None if ``allow_none``."""
+    if (value is None and not allow_none) or (value is not None and (isinstance(value, bool)
+                                                                     or not isinstance(value, numbers.Integral))):
+        raise TypeError(f"`{name}` must be an int{' or None' if allow_none else ''}, got {value!r:.60}")
     return integer(name, value, 0, maximum=2**63 - 1, allow_none=True)
 
 
