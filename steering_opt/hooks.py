@@ -1,13 +1,11 @@
 """The hook core: every steering, reading and early stop of a forward pass goes through here.
 
 * :func:`steer` — the one place where an activation is modified (training and inference alike).
-* :func:`attach` — the one way to register hooks: a list of ``(module, fn, kind)`` specs becomes one
-  :class:`HookHandle` that removes them all (idempotent, also a context manager).
+* :func:`attach` — the one way to register hooks: ``(module, fn, kind)`` specs become one :class:`HookHandle`.
 * :func:`site_hook` — the site convention: ``decoder_block`` is read/steered at the block *input*
   (``hidden_states[L]``, TransformerLens' ``blocks.L.hook_resid_pre``), every other site at the module *output*.
-* :func:`capture` — run a forward, keep the activations of some modules, and stop the forward as soon
-  as the last of them is reached (one internal exception, so captures nest); :func:`capture_inputs` is
-  its form for block inputs, optionally under extra steering.
+* :func:`capture` — run a forward, keep the activations of some modules, and stop the forward as soon as the
+  last of them is reached (one internal exception, so captures nest); :func:`capture_inputs`: block inputs.
 * :class:`TokenSelection`, :class:`SequenceTracker`, :func:`current_positions` — which token positions to
   steer; positions come from the ``position_ids`` the model receives, so a token index means the same
   token in one pass and during KV-cached (or uncached) generation, and with left padding positions
@@ -18,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import numbers
 import threading
@@ -108,34 +107,35 @@ class HookHandle:
     def __init__(self, handles: Iterable[Any] = (), *, thread: int | None = None) -> None:
         self._handles: list[Any] = list(handles)
         self.thread: int | None = thread
+        self._remove_rest = functools.partial(_remove_rest, self._handles)  # holds the list, not the handle
+        # hooks left on die with the handle (not __del__: the cyclic gc clears torch handles' weakrefs first)
+        self._finalizer = weakref.finalize(self, uninterruptible, self._remove_rest) if thread is not None else None
 
     @property
     def active(self) -> bool:
         """Whether some hook of this handle is still registered."""
         return bool(self._handles)
 
-    def remove(self) -> None:
+    def remove(self, *_exc: Any) -> None:
         """Remove every hook of this handle (a second call does nothing)."""
         try:
             uninterruptible(self._remove_rest)
         except KeyboardInterrupt:  # Ctrl-C landed before the removal could start deferring it
             uninterruptible(self._remove_rest)
             raise
-
-    def _remove_rest(self) -> None:  # resumable: a handle leaves the list only once it is removed
-        while self._handles:
-            self._handles[-1].remove()
-            self._handles.pop()
+        if self._finalizer is not None:  # nothing left to remove: the finalizer would only run for nothing
+            self._finalizer.detach()
 
     def __enter__(self) -> HookHandle:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
+    __exit__ = remove  # not a call to it: a Ctrl-C taken as that call started would leave every hook on
 
-    def __del__(self) -> None:  # a call's hooks never outlive their handle (e.g. Ctrl-C before `with` starts)
-        if getattr(self, "thread", None) is not None and getattr(self, "_handles", None):
-            self.remove()
+
+def _remove_rest(handles: list[Any]) -> None:  # resumable: a handle leaves the list only once it is removed
+    while handles:
+        handles[-1].remove()
+        handles.pop()
 
 
 def _for_thread(fn: Callable[..., Any], thread: int) -> Callable[..., Any]:
