@@ -505,7 +505,8 @@ def test_optimize_and_generate_on_embedded_model(capsys, tmp_path: Path) -> None
     vec = so.load(tmp_path / "refusal")
     assert vec.metadata["model"]["name_or_path"] == "SmolLM2-135M-Instruct"
     assert vec.metadata["model"]["hidden_size"] == 576 and vec.metadata["chat_template"] is True
-    hist_first, final = [float(x) for x in out.split("loss ", 1)[1].split(" nats")[0].split(" -> ")]
+    summary = next(line for line in out.splitlines() if line.startswith("Optimised"))
+    hist_first, final = [float(x) for x in summary.split("loss ", 1)[1].split(" nats")[0].split(" -> ")]
     assert final < hist_first
     out = run_ok(capsys, "generate", "--chat", "--prompt", "Tell me about the moon.", "--vector",
                  tmp_path / "refusal", "--compare", "--max-new-tokens", "12")
