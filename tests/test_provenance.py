@@ -74,7 +74,7 @@ def test_python_and_cli_saves_record_the_same_provenance(capsys, model_dir: Path
     assert a["model"] == b["model"]  # fingerprint and the name the user gave (the folder)
     assert a["model"]["name_or_path"] == str(model_dir) and a["model"]["num_layers"] == 4
     assert a["datapoints"] == b["datapoints"] and len(a["datapoints"]["sha256"]) == 64
-    display = {"progress"}  # whether a bar was shown
+    display = {"progress", "return_on_interrupt"}  # whether a bar was shown; what Ctrl-C does (the CLI saves)
     assert {k: v for k, v in a["options"].items() if k not in display} == \
         {k: v for k, v in b["options"].items() if k not in display}
     assert a["options"]["lr"] == 0.1 and a["options"]["max_iters"] == 3
