@@ -52,7 +52,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "adam lr0.2": {"optimizer": "adam", "lr": 0.2},
     "adam_cosine lr0.2": {"optimizer": "adam_cosine", "lr": 0.2},
     "normalized lr0.1": {"optimizer": "normalized", "lr": 0.1},
-    "lbfgs": {"optimizer": "lbfgs"},
+    "lbfgs lr0.1": {"optimizer": "lbfgs", "lr": 0.1},
+    "lbfgs lr0.3": {"optimizer": "lbfgs", "lr": 0.3},
 }
 
 
@@ -74,6 +75,22 @@ def emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj), flush=True)
 
 
+def make_judge(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Namespace) -> Any:
+    """``--judge``: a function vector -> held-out success / fluent success (the quality benchmark's judge:
+    greedy generations on the first ``--n-test`` test prompts, scored by the task's scorer and the fluency
+    checks); without ``--judge``, a function returning ``{}``."""
+    if not args.judge:
+        return lambda vec, multiplier=1.0: {}
+    ev = Evaluator(model, tok, task.test_prompts[: args.n_test], scorer=task.scorer, chat=task.chat,
+                   max_new_tokens=args.max_new_tokens, fluency_lang=task.lang, neutral_prompts=None)
+    ev.baseline()
+
+    def judge(vec: Any, multiplier: float = 1.0) -> dict[str, Any]:
+        s = ev.evaluate(vec, multiplier).summary
+        return {"success": s["success_rate"], "fluent_success": s["fluent_success_rate"]}
+    return judge
+
+
 def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Namespace) -> list[dict[str, Any]]:
     device = next(model.parameters()).device
     dp = so.TrainingDatapoint(format_prompt(tok, task.prompt, chat=task.chat), src_completions=[task.src],
@@ -81,6 +98,7 @@ def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Name
     ev = Evaluator(model, tok, task.test_prompts[: args.n_test], promote=[task.dst], suppress=[task.src],
                    chat=task.chat, generate=False)
     ev.baseline()
+    judge = make_judge(model, tok, task, args)
 
     def one(name: str, kw: dict[str, Any]) -> dict[str, Any]:
         _sync(device)
@@ -94,7 +112,7 @@ def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Name
                "evals": r.evals, "status": r.status, "wall_s": round(wall, 2),
                "s_per_eval": round(wall / max(1, r.evals), 3),
                "start_loss": r.loss_history[0], "final_loss": r.loss, "norm": r.norm,
-               "margin_gain": held.get("margin_gain"), "kl": held.get("kl")}
+               "margin_gain": held.get("margin_gain"), "kl": held.get("kl"), **judge(vec)}
         if args.history:
             row["loss_history"] = [round(x, 3) for x in r.loss_history]
         emit(row)
@@ -122,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=6)
     ap.add_argument("--max-steps", type=int, default=45, help="step cap of each method")
     ap.add_argument("--n-test", type=int, default=12, help="held-out test prompts per task")
+    ap.add_argument("--judge", action="store_true", help="also generate on the test prompts and report success and "
+                                                          "fluent success (the quality benchmark's judge)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per test prompt (--judge)")
+    ap.add_argument("--auto-kwargs", default="{}", help="auto_steer keyword arguments, as JSON")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--history", action="store_true", help="include every method's loss history")
     ap.add_argument("--no-auto", action="store_true", help="skip auto_steer")
@@ -152,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             dp = so.TrainingDatapoint(format_prompt(tok, task.prompt, chat=task.chat), src_completions=[task.src],
                                       dst_completions=[task.dst])
             t = time.perf_counter()
-            vec, report = so.auto_steer(model, tok, [dp], seed=0, progress=False)
+            vec, report = so.auto_steer(model, tok, [dp], seed=0, progress=False, **json.loads(args.auto_kwargs))
+            wall = round(time.perf_counter() - t, 1)
             b = report.best or {}
-            row = {"kind": "auto_steer", "task": task.name, "wall_s": round(time.perf_counter() - t, 1),
+            row = {"kind": "auto_steer", "task": task.name, "wall_s": wall, "auto_kwargs": args.auto_kwargs,
                    "layer": b.get("layer"), "variant": b.get("variant"), "multiplier": b.get("multiplier"),
-                   "criterion": b.get("criterion"), "notes": report.notes}
+                   "criterion": b.get("criterion"), "notes": report.notes,
+                   **make_judge(model, tok, task, args)(vec)}
             emit(row)
             autos.append(row)
     summary["methods"] = rows

@@ -445,10 +445,10 @@ def _cmd_auto_steer(args: argparse.Namespace) -> int:
 
 
 def _add_auto_steer_library_flags(p: argparse.ArgumentParser) -> None:
-    from .sweep import DEFAULT_OPTIMIZE_KWARGS, auto_steer
+    from .sweep import AUTO_STEER_OPTIMIZE_KWARGS, auto_steer
 
     _library_defaults(p, AUTO_STEER_FLAGS, auto_steer)
-    add_option_flags(p, exclude=SWEEP_MANAGED, defaults=DEFAULT_OPTIMIZE_KWARGS)
+    add_option_flags(p, exclude=SWEEP_MANAGED, defaults=AUTO_STEER_OPTIMIZE_KWARGS)
 
 
 def add_auto_steer_parser(root: Any, sub: Any) -> None:

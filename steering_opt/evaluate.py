@@ -54,7 +54,9 @@ from . import arch, validate
 from .data import encode
 from .hooks import attach, frozen_model, layer_hook_specs
 from .passes import (
+    Forward,
     Prompt,
+    UpperBlocks,
     encode_prompts,
     format_prompt,
     generate_ids,
@@ -63,6 +65,7 @@ from .passes import (
     next_token_logprobs,
     planned_passes,
     token_logprobs,
+    upper_blocks,
 )
 from .progress import check_progress, overall
 from .scorers import distinct_n, get_scorer, real_word_fraction, repetition_rate
@@ -500,15 +503,27 @@ class Evaluator:
         arch.check_context_length(model, max(map(len, self.prompt_ids + self.neutral_ids)) + longest_c,
                                   "a prompt (+ completion)")
         self._base: dict[str, Any] | None = None
+        self.reuse_lower_blocks = True  # scoring passes run only the blocks from the lowest steered one on
+        self._upper: dict[int, UpperBlocks | None] = {}
 
     # --------------------------------------------------------------------------- measurements
-    def _margins(self) -> tuple[list[float | None], list[float | None], list[float | None]]:
+    def _upper_blocks(self, steering: Any) -> UpperBlocks | None:
+        """Reuse of the unsteered lower blocks for ``steering`` (block-input steering from layer >= 1 only)."""
+        vectors, hooks = _normalize_steering(steering)
+        if not self.reuse_lower_blocks or not (vectors or hooks) or any(v.layer_type != "decoder_block"
+                                                                         for v, _ in vectors):
+            return None  # nothing steered, or a site whose lower blocks may differ
+        return upper_blocks(self.model, min([x for v, _ in vectors for x in v.layers] + [x for x, _ in hooks]),
+                            self._upper)
+
+    def _margins(self, forward: Forward | None = None) -> tuple[list[float | None], list[float | None],
+                                                                 list[float | None]]:
         comps = self.promote_ids + self.suppress_ids
         if not comps:
             n = len(self.prompt_ids)
             return [None] * n, [None] * n, [None] * n
         pairs = [(p, c) for p in self.prompt_ids for c in comps]
-        lps = token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
+        lps = token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size, forward=forward)
         sums = torch.tensor([float(x.sum()) for x in lps]).view(len(self.prompt_ids), len(comps))
         n_p = len(self.promote_ids)
         prom = sums[:, :n_p].mean(1).tolist() if n_p else [None] * len(self.prompt_ids)
@@ -587,10 +602,12 @@ class Evaluator:
     def _measure(self, steering: Any, multiplier: float, label: str | None) -> EvalResult:
         start = time.perf_counter()
         base = self.baseline()
-        with frozen_model(self.model):
+        upper = self._upper_blocks(steering)
+        with frozen_model(self.model), upper.feeding() if upper else contextlib.nullcontext():
             with steering_context(self.model, steering, multiplier):
-                prom, supp, marg = self._margins()
-                neutral = (next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
+                fwd = upper.forward if upper else None
+                prom, supp, marg = self._margins(fwd)
+                neutral = (next_token_logprobs(self.model, self.tokenizer, self.neutral_ids, forward=fwd,
                                                 positions=self.kl_positions, batch_size=self.batch_size)
                            if self.neutral_ids else None)
                 texts, ids = self._texts() if self.do_generate else (None, [])
@@ -649,30 +666,12 @@ class Evaluator:
 
 
 def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    steering: Any,
-    prompts: Sequence[Prompt],
-    *,
-    multiplier: float = 1.0,
-    scorer: Any = None,
-    promote: Sequence[str] | None = None,
-    suppress: Sequence[str] | None = None,
-    neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS,
-    chat: bool = False,
-    generate: bool = True,
-    max_new_tokens: int = 40,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    batch_size: int = 16,
-    fluency_lang: str | None = "auto",
-    min_distinct2: float = 0.75,
-    min_real_words: float = 0.95,
-    kl_positions: str = "all",
-    progress: bool | None = None,
+    model: nn.Module, tokenizer: Any, steering: Any, prompts: Sequence[Prompt], *, multiplier: float = 1.0,
+    scorer: Any = None, promote: Sequence[str] | None = None, suppress: Sequence[str] | None = None,
+    neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS, chat: bool = False, generate: bool = True,
+    max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    seed: int = 0, batch_size: int = 16, fluency_lang: str | None = "auto", min_distinct2: float = 0.75,
+    min_real_words: float = 0.95, kl_positions: str = "all", progress: bool | None = None,
 ) -> EvalResult:
     """Evaluate ``steering`` on held-out ``prompts``: steered vs unsteered generations, success,
     fluency, perplexity, completion log-prob shifts and KL on neutral prompts.

@@ -477,6 +477,17 @@ class JobState:
         assert self.opt is not None and self.reeval is not None
         reeval = self.reeval
         calls = [0]
+        # torch's first step is -g·min(1, 1/‖g‖₁) (tiny for these losses; the line search then spends evaluations
+        # growing it): make it lr·√numel long instead, as a normalised step; later steps use the curvature (t=1)
+        group = self.opt.param_groups[0]
+        group["lr"] = 1.0
+        if self.steps == 0:
+            grads = [t.grad for t in self.tensors if t.grad is not None]
+            g2 = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+            g1 = sum(float(g.abs().sum()) for g in grads)
+            if g2 > 0 and math.isfinite(g1):
+                numel = sum(t.numel() for t in self.tensors)
+                group["lr"] = self.options.lr * math.sqrt(numel) / (g2 * min(1.0, 1 / g1))
 
         def closure() -> float:
             calls[0] += 1

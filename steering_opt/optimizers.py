@@ -5,7 +5,9 @@
   lr to a tenth of ``lr`` at the cap (:func:`lr_factor`).
 * ``"normalized"``: :class:`NormalizedGD` (steps of a fixed length along the gradient) with the same schedule.
 * ``"lbfgs"``: ``torch.optim.LBFGS`` with a strong-Wolfe line search, one iteration per round of the loop
-  (:meth:`steering_opt.loop.JobState.after_eval`); ``lr`` is not used.
+  (:meth:`steering_opt.loop.JobState.after_eval`); the first step is ``lr · sqrt(numel)`` long (torch's own first
+  step, ``-g · min(1, 1/‖g‖₁)``, is tiny for these losses and costs line-search evaluations to grow), later steps
+  follow the curvature estimate.
 
 The projection onto the norm caps runs after every step, whichever the optimiser.
 """

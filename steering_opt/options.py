@@ -50,8 +50,8 @@ class OptimizeOptions:
     seed: int | None = _f(None, "Seed of the initial parameters and the noise (reproducible trajectories).")
     optimizer: str = _f("adam", "'adam' (constant lr), 'adam_cosine' (Adam, lr warm-up over 5% of the step cap then "
                                 "cosine decay to lr/10), 'normalized' (steps of length lr*sqrt(numel) along the "
-                                "gradient, same schedule) or 'lbfgs' (L-BFGS with strong-Wolfe line search; lr unused, "
-                                "no noise or minibatches).")
+                                "gradient, same schedule) or 'lbfgs' (L-BFGS with strong-Wolfe line search; lr sets "
+                                "the first step's length, lr*sqrt(numel); no noise or minibatches).")
     # --- objective
     coldness: float = _f(0.7, "Inverse temperature applied to the logits in the loss.")
     normalize_token_length: bool = _f(False, "Divide each completion's loss by its token count.")

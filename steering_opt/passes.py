@@ -9,13 +9,15 @@ its forward passes (a generation batch: ``max_new_tokens`` of them) to an enclos
 * :func:`generate_ids`: batched, left-padded, KV-cached generation (greedy or seeded sampling);
 * :func:`token_logprobs`: ``log p(y_t | x, y_<t)`` of every completion token (nats);
 * :func:`next_token_logprobs` and :func:`mean_kl`: next-token distributions and ``KL(p_u ‖ p_s)`` between two sets
-  of them (nats).
+  of them (nats);
+* :class:`UpperBlocks`: the two scoring passes above run only the blocks from the lowest steered one on, on the
+  unsteered residual stream stored at first use (exact: the blocks below never see the steering).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeGuard
 
 import torch
@@ -23,11 +25,13 @@ from torch import nn
 
 from . import arch
 from .data import encode
-from .hooks import pad_sequences, pad_token_id
+from .hooks import attach, capture, pad_sequences, pad_token_id
 from .progress import advance
 
 __all__ = [
+    "Forward",
     "Prompt",
+    "UpperBlocks",
     "encode_prompts",
     "eos_token_ids",
     "format_prompt",
@@ -38,7 +42,11 @@ __all__ = [
     "next_token_logprobs",
     "planned_passes",
     "token_logprobs",
+    "upper_blocks",
 ]
+
+#: A scoring forward: ``(input_ids (b, s), attention_mask (b, s)) -> logits (b, s, vocab)``.
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: A prompt: plain text, or a chat conversation (a list of ``{"role", "content"}`` dicts).
 Prompt = str | Sequence[Mapping[str, str]]
@@ -159,10 +167,11 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], 
 
 
 @torch.no_grad()
-def token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], *,
-                    batch_size: int, max_batch_tokens: int = 2048) -> list[torch.Tensor]:
+def token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], *, batch_size: int,
+                   max_batch_tokens: int = 2048, forward: Forward | None = None) -> list[torch.Tensor]:
     """``log p(y_t | x, y_<t)`` (float32, nats) of every completion token, one tensor per
-    (prompt ids, completion ids) pair; right padding; logits only at the completion positions."""
+    (prompt ids, completion ids) pair; right padding; log-softmax only at the completion positions.
+    ``forward``: how a batch is run (default: the whole model; see :class:`UpperBlocks`)."""
     arch.check_context_length(model, max((len(p) + len(c) for p, c in pairs), default=0),
                               "a prompt + completion")
     pad = pad_token_id(tokenizer, model)
@@ -171,7 +180,7 @@ def token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int]
     lengths = [len(p) + len(c) for p, c in pairs]
     for idx in length_batches(lengths, batch_size, max_batch_tokens):
         ids, mask = pad_sequences([pairs[i][0] + pairs[i][1] for i in idx], pad)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        logits = _run(model, forward, ids.to(dev), mask.to(dev))
         for r, i in enumerate(idx):
             p_len, c_len = len(pairs[i][0]), len(pairs[i][1])
             if c_len == 0:
@@ -185,9 +194,9 @@ def token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int]
 
 @torch.no_grad()
 def next_token_logprobs(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, positions: str,
-                         batch_size: int) -> list[torch.Tensor]:
+                         batch_size: int, forward: Forward | None = None) -> list[torch.Tensor]:
     """Log-softmax next-token distributions ``(n_positions, vocab)`` (float32) of each prompt, at every
-    position (``positions="all"``) or the last one (``"last"``)."""
+    position (``positions="all"``) or the last one (``"last"``); ``forward`` as in :func:`token_logprobs`."""
     arch.check_context_length(model, max(map(len, prompt_ids), default=0), "a prompt")
     pad = pad_token_id(tokenizer, model)
     dev = arch.input_device(model)
@@ -195,12 +204,87 @@ def next_token_logprobs(model: nn.Module, tokenizer: Any, prompt_ids: list[list[
     lengths = [len(p) for p in prompt_ids]
     for idx in length_batches(lengths, batch_size, 2048):
         ids, mask = pad_sequences([prompt_ids[i] for i in idx], pad)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        logits = _run(model, forward, ids.to(dev), mask.to(dev))
         for r, i in enumerate(idx):
             sl = slice(0, lengths[i]) if positions == "all" else slice(lengths[i] - 1, lengths[i])
             out[i] = torch.log_softmax(logits[r, sl].float(), -1).cpu()
         advance(1, "pass")
     return out
+
+
+def _run(model: nn.Module, forward: Forward | None, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if forward is not None:
+        return forward(ids, mask)
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+class UpperBlocks:
+    """Scoring passes that run only the blocks ``start, start+1, ...``: the hidden states entering block
+    ``start`` are those of the unsteered model whenever nothing steers below ``start``, so they are computed
+    once per batch (a forward that stops after block ``start - 1``) and stored, keyed by the batch's token ids.
+    The logits are the full model's (:func:`steering_opt.arch.truncated_view`); a repeated measurement at the
+    same layer (other strengths, other vectors) costs only the upper blocks.
+
+    Use::
+
+        upper = UpperBlocks(model, start)          # raises NotImplementedError where truncation is not exact
+        with upper.feeding():                      # before any steering hook at block `start` is attached
+            with steering:                         # hooks at layers >= start only
+                token_logprobs(..., forward=upper.forward)
+
+    The store holds ``(b, s, d)`` per batch (float, on the model's device): a few MB for a few dozen prompts.
+    """
+
+    def __init__(self, model: nn.Module, start: int):
+        if not isinstance(start, int) or start < 1:
+            raise ValueError(f"`start` must be a layer >= 1, got {start!r}")
+        self.model, self.start = model, start
+        self.view = arch.truncated_view(model, start)
+        blocks = arch.get_blocks(model)
+        self.block, self.below = blocks[start], blocks[start - 1]
+        self.store: dict[tuple[tuple[int, ...], ...], torch.Tensor] = {}
+        self._slot: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def feeding(self) -> Iterator[None]:
+        """Attach the pre-hook that feeds block ``start`` the stored hidden states during :meth:`forward`
+        (attached first, so steering hooks at that block still act on what it feeds)."""
+        def feed(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if self._slot:
+                return arch.replace_hidden_states(args, kwargs, self._slot[0])
+            return None
+
+        with attach([(self.block, feed, "pre")]):
+            yield
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The logits ``(b, s, vocab)`` of one padded batch (call inside :meth:`feeding`)."""
+        key = (tuple(ids.flatten().tolist()), tuple(ids.shape), tuple(mask.flatten().tolist()))
+        h = self.store.get(key)
+        if h is None:
+            got = capture(lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False),
+                          {0: (self.below, "post")}, read=lambda _k, x: x.detach())
+            if 0 not in got:
+                raise RuntimeError(f"block {self.start - 1} did not run")
+            h = self.store[key] = got[0]
+        self._slot.append(h)
+        try:
+            return self.view(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            self._slot.clear()
+
+
+def upper_blocks(model: nn.Module, start: int, cache: dict[int, UpperBlocks | None]) -> UpperBlocks | None:
+    """The :class:`UpperBlocks` of ``model`` from block ``start`` (kept in ``cache``); None when ``start`` is 0
+    or the architecture cannot run a truncated model exactly (the full model is then run)."""
+    if start < 1:
+        return None
+    if start not in cache:
+        try:
+            cache[start] = UpperBlocks(model, start)
+        except NotImplementedError:
+            cache[start] = None
+    return cache[start]
 
 
 def mean_kl(unsteered: list[torch.Tensor], steered: list[torch.Tensor]) -> float:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from steering_opt import SteeringVector, get_completion_logprob, hf_hooks_contextmanager, make_steering_hook_hf
+from steering_opt.arch import get_blocks
 from steering_opt.evaluate import (
     Evaluator,
     completion_logprobs,
@@ -379,3 +380,31 @@ def test_errors_name_the_argument_before_any_model_work(tiny_llama, tokenizer) -
             evaluate(tiny_llama, tokenizer, SteeringVector({1: torch.ones(5)}), PROMPTS, generate=False)
     finally:
         handle.remove()
+
+
+def test_scoring_from_the_lowest_steered_block_is_exact(tiny_model, tokenizer) -> None:
+    """Evaluator runs the margin and KL passes from the lowest steered block on, on the unsteered residual stream
+    stored at first use: the same numbers as the full model, for vectors, several strengths, raw hooks and a
+    second vector at a higher layer; the model is left clean; layer 0 and other sites run the full model."""
+    d = tiny_model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    low = SteeringVector({1: torch.randn(d, generator=g) * 4})
+    high = SteeringVector({2: torch.randn(d, generator=g) * 4})
+    at0 = SteeringVector({0: torch.randn(d, generator=g) * 4})
+    hook = [(1, make_steering_hook_hf(torch.randn(d, generator=g) * 4))]
+    cases = [(low, 1.0), (low, 2.5), ([low, high], 1.0), (hook, 1.0), (high, 0.5), (at0, 1.0), (low, -1.0)]
+    got = {}
+    for reuse in (False, True):
+        ev = Evaluator(tiny_model, tokenizer, PROMPTS, promote=[" mat", " blue sky"], suppress=[" dog"],
+                       neutral_prompts=["Once upon a time", "The weather is"], generate=False)
+        ev.reuse_lower_blocks = reuse
+        before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+        got[reuse] = [ev.evaluate(s, m).summary for s, m in cases]
+        assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in before.items())
+        assert not any(b._forward_pre_hooks or b._forward_hooks for b in get_blocks(tiny_model))
+    stored = {k for k, u in ev._upper.items() if u is not None}
+    assert stored <= {1, 2} and (1 in stored or not ev._upper)  # an architecture that cannot truncate: None
+    for full, fast in zip(got[False], got[True]):
+        for key in ("margin_gain", "promote_gain", "suppress_gain", "kl"):
+            assert fast[key] == pytest.approx(full[key], rel=1e-4, abs=1e-5), key
+    assert got[True][0]["margin_gain"] != pytest.approx(got[True][1]["margin_gain"])  # the strengths differ

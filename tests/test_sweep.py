@@ -225,7 +225,16 @@ def test_auto_steer_returns_scaled_vector_and_table(tiny_llama, tokenizer) -> No
                              optimize_kwargs=FAST)
     assert _state(tiny_llama) == before
     assert isinstance(vec, SteeringVector) and vec.metadata["method"] == "auto_steer"
-    assert len(report.table) == 2 * 2 * 2 and report.criterion == "margin"
+    # every (layer, cap) at strength 1, the two best of those (strength_finalists=2) also at 0.5
+    assert report.criterion == "margin"
+    at_one = sorted((r for r in report.table if r["multiplier"] == 1.0), key=lambda r: r["criterion"], reverse=True)
+    assert len(at_one) == 4
+    assert sorted((r["layer"], r["variant"]) for r in report.table if r["multiplier"] == 0.5) == \
+        sorted((r["layer"], r["variant"]) for r in at_one[:2])
+    _, full = auto_steer(tiny_llama, tokenizer, [DP], validation_prompts=VAL, layers=[1, 2], multipliers=[0.5, 1.0],
+                         norm_fractions=[None, 0.5], neutral_prompts=NEUTRAL, optimize_kwargs=FAST,
+                         strength_finalists=None)
+    assert len(full.table) == 2 * 2 * 2
     b = report.best
     assert b is max(report.table, key=lambda r: (r["criterion"], -r["kl"], -abs(r["multiplier"])))
     raw = report.vectors[(b["layer"], b["variant"])]
