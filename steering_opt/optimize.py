@@ -193,7 +193,8 @@ def optimize(
                     return loss_func(model, tokenizer, dps, layers, steering, **pre)
 
             norm0 = result.norm
-            it, final, ok, history = output_constrained(eng, state, start_losses=state.losses, custom_loss=custom)
+            it, final, ok, history = output_constrained(eng, state, start_losses=state.losses, custom_loss=custom,
+                                                        kl_term=kl_term)
             state.losses = final
             result = state.result(extra, per_layer=per_layer)
             result.extra.update(output_constr_iters=it, constraints_satisfied=ok,
@@ -211,8 +212,8 @@ def provenance(model: nn.Module, datapoints: Sequence[Any]) -> dict[str, Any]:
 
 
 def output_constrained(engine: LossEngine, state: JobState, *, start_losses: torch.Tensor,
-                       custom_loss: Callable[[], torch.Tensor] | None = None) -> tuple[int, torch.Tensor, bool,
-                                                                                       list[float]]:
+                       custom_loss: Callable[[], torch.Tensor] | None = None,
+                       kl_term: Any = None) -> tuple[int, torch.Tensor, bool, list[float]]:
     """Minimise ``f = ‖v‖ (+‖M‖_F)`` subject to loss constraints by the modified differential method
     of multipliers (Platt & Barr 1988), with projected multipliers for the inequality constraints.
 
@@ -223,7 +224,8 @@ def output_constrained(engine: LossEngine, state: JobState, *, start_losses: tor
     objective's scale. One forward+backward per iteration: the multiplier weights use the constraint
     values of the previous evaluation. With ``custom_loss`` (e.g. MELBO) the objective is that
     function and ``‖v‖ (+‖M‖_F) ≤ output_constr_norm_initial_scale × its start value`` is one more
-    constraint.
+    constraint. With ``kl_term`` (``kl_weight > 0``) the objective is ``‖v‖ (+‖M‖_F) + λ · KL`` on the KL
+    prompts: the smallest, least disruptive steering that keeps the completion losses.
 
     Returns (iterations, losses of the returned parameters, whether they satisfy every constraint,
     objective history). The returned parameters are the feasible ones with the smallest objective
@@ -278,6 +280,8 @@ def output_constrained(engine: LossEngine, state: JobState, *, start_losses: tor
         losses = engine.run(spec_fn, weights=w, backward=True)
         f = objective()
         f_val = float(f.detach())
+        if kl_term is not None and custom_loss is None:  # its gradient is accumulated by the call itself
+            f_val += float(kl_term(state.steering))
         if custom_loss is not None:  # keep ‖v‖ bounded while optimising a custom objective
             nrm = norm_objective()
             g_norm = float(nrm.detach()) - o.output_constr_norm_initial_scale * norm0

@@ -104,7 +104,8 @@ class OptimizeOptions:
     # --- fluency (steering_opt.kl): lambda * mean KL(unsteered || steered) on neutral prompts
     kl_weight: float = _f(0.0, "Weight of the mean KL(unsteered || steered) of next-token distributions (nats, "
                                "temperature 1) over every position of kl_prompts, added to the objective; "
-                               "info['loss'] stays the completion loss, the KL is info['kl']. 0: off.")
+                               "info['loss'] stays the completion loss, the KL is info['kl']; with do_output_constr "
+                               "the norm minimisation's objective becomes norm + kl_weight * KL. 0: off.")
     kl_prompts: tuple[str, ...] | None = _f(None, "Neutral prompts (plain text) of the KL term; None: the "
                                                   "built-in steering_opt.kl.DEFAULT_KL_PROMPTS.", cli=False)
     # --- output-constrained phase

@@ -521,11 +521,11 @@ def auto_steer(
 
     Signal (no ``scorer``): the promoted completions' log-prob gain over the suppressed ones on the validation
     prompts (nats per token) minus ``kl_weight`` × the KL (nats) on neutral prompts (unsteered distributions
-    computed once). Stages: (1) each (layer, norm cap) gets ``screen_steps`` optimiser steps and is measured at
-    strength 1 (at every multiplier when nothing is finished later); (2) the ``finalists`` best by the signal
-    continue from there to the full step count (``optimize_kwargs['max_iters']``, default 30) and are measured at
-    every multiplier; (3) with a ``scorer``, the 6 best rows by the signal are judged by generating (fluent success
-    rate; ties: the signal).
+    computed once). Stages: (1) each (layer, norm cap) gets ``screen_steps`` optimiser steps (default: all of
+    ``optimize_kwargs['max_iters']``, 8 L-BFGS iterations) and is measured at strength 1; (2) with more steps than
+    that, the ``finalists`` best by the signal continue to the full step count and are measured at every
+    multiplier, else the ``strength_finalists`` best are measured at the other multipliers; (3) with a ``scorer``,
+    the 6 best rows by the signal are judged by generating (fluent success rate; ties: the signal).
 
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.

@@ -5,6 +5,7 @@
 * the fast and reference engines agree on its value and gradient (as for the completion losses);
 * in ``optimize`` (full batch and minibatches) and ``optimize_many`` it lowers the KL, ``info['loss']`` stays the
   completion loss and ``info['kl']`` is the KL of the returned parameters;
+* in the output-constrained phase the objective is ``‖v‖ + λ·KL`` (and the constraints still hold);
 * ``calibrate_strength`` finds the multiplier whose KL is the budget, and errors name ``kl_budget``.
 """
 
@@ -95,6 +96,24 @@ def test_optimize_reports_completion_loss_and_kl(tiny_llama, tokenizer):
     for k, v in tiny_llama.state_dict().items():  # the model is left as it was
         assert torch.equal(v, state[k])
     assert [p.requires_grad for p in tiny_llama.parameters()] == flags and not tiny_llama.training
+
+
+def test_output_constrained_phase_minimises_norm_plus_kl(tiny_llama, tokenizer):
+    kw = dict(lr=0.3, max_iters=8, seed=0, target_loss=1e9, target_loss_target_iters=10**6, do_output_constr=True,
+              max_output_constr_iters=6, output_constr_patience=100)
+    lam = 20.0
+    plain = so.optimize(tiny_llama, tokenizer, DP, 1, **kw)
+    reg = so.optimize(tiny_llama, tokenizer, DP, 1, **kw, kl_weight=lam, kl_prompts=PROMPTS)
+    term = KLTerm(tiny_llama, tokenizer, [1], PROMPTS, 1.0)
+    start = so.optimize(tiny_llama, tokenizer, DP, 1, **{**kw, "do_output_constr": False}, kl_weight=lam,
+                        kl_prompts=PROMPTS)
+    # the phase's first objective is the start point's norm + λ·KL (without the term: the norm only)
+    assert reg.info["output_constr_norm_history"][0] == pytest.approx(
+        start.norm + lam * term.measure(start.steering), rel=1e-4)
+    assert plain.info["output_constr_norm_history"][0] == pytest.approx(plain.info["norm_before_output_constr"],
+                                                                        rel=1e-5)
+    assert reg.info["constraints_satisfied"] and reg.info["kl"] == pytest.approx(term.measure(reg.steering), rel=1e-5)
+    assert reg.info["kl"] <= term.measure(start.steering) + 1e-6
 
 
 def test_minibatches_and_optimize_many_carry_the_term(tiny_llama, tokenizer):

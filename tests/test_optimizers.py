@@ -179,3 +179,26 @@ def test_time_budget_is_wall_time(tiny_llama, tokenizer):
     t = time.perf_counter()
     r = run(tiny_llama, tokenizer, max_iters=100000, time_budget_s=0.3, plateau_patience=None)
     assert r.status == "time_budget" and time.perf_counter() - t < 5
+
+
+@pytest.mark.parametrize("lr", [0.05, 0.3])
+def test_lbfgs_first_step_is_lr_sqrt_numel_long(tiny_llama, tokenizer, monkeypatch, lr):
+    """torch's first L-BFGS step, -g·min(1, 1/‖g‖₁), is tiny for these losses; ours is lr·√numel long (a normalised
+    step), so the line search does not spend evaluations growing it."""
+    trials: list[torch.Tensor] = []
+    original = loop._reevaluate
+
+    def recording(engine, st, *a, **k):
+        run_ = original(engine, st, *a, **k)
+
+        def wrapped():
+            trials.append(st.tensors[0].detach().clone())
+            return run_()
+        return wrapped
+
+    monkeypatch.setattr(loop, "_reevaluate", recording)
+    v0 = torch.randn(tiny_llama.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    r = run(tiny_llama, tokenizer, optimizer="lbfgs", lr=lr, max_iters=3, starting_vec=v0, plateau_patience=None)
+    assert trials, "the line search evaluated nothing"
+    assert float((trials[0] - v0).norm()) == pytest.approx(lr * math.sqrt(v0.numel()), rel=1e-4)
+    assert r.loss < r.loss_history[0]

@@ -1,0 +1,135 @@
+"""Which signal should auto_steer rank by? Leave-one-task-out on the quality benchmark's tasks.
+
+Usage::
+
+    python benchmarks/bench_signal.py                     # every task, 12 validation prompts, 32 new tokens
+    python benchmarks/bench_signal.py --test 24           # also judge each left-out choice on 24 test prompts
+    python benchmarks/bench_signal.py --from /tmp/signal.json --test 24   # re-use the grids of an earlier run
+
+For each task (``benchmarks/quality_tasks.py``, its one training datapoint): auto_steer's grid (its candidate
+layers × strengths, its optimiser, :data:`steering_opt.sweep.AUTO_STEER_OPTIMIZE_KWARGS`) measured with
+``steering_opt.sweep`` on auto_steer's built-in generic **validation** prompts (never the test prompts): the
+promoted-over-suppressed log-prob gain per token, the KL on the built-in neutral prompts, and fluent success by
+generating (the task's scorer and the fluency checks). For each KL weight λ the signal ``margin − λ·KL`` picks one
+row per task. Leave-one-task-out: for each task, λ is the one whose picks have the highest mean validation fluent
+success on the *other* tasks (ties: the smaller λ); the row it picks on the left-out task is reported with that
+task's validation fluent success and the best any row reached there (the oracle). ``--test N`` judges the
+left-out choices on the first N test prompts.
+
+Prints one JSON object per line (``{"kind": ...}``) and a final summary; ``--out`` also writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality_tasks  # noqa: E402
+
+import steering_opt as so  # noqa: E402
+from steering_opt.evaluate import Evaluator  # noqa: E402
+from steering_opt.fsutil import atomic_write_file  # noqa: E402
+from steering_opt.passes import format_prompt  # noqa: E402
+from steering_opt.sweep import AUTO_STEER_OPTIMIZE_KWARGS, GENERIC_CHAT_PROMPTS, GENERIC_PROMPTS  # noqa: E402
+
+WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+KEEP = ("layer", "multiplier", "margin_gain_per_token", "kl", "success_rate", "fluent_success_rate", "norm",
+        "train_loss")
+
+
+def emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def grid(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """auto_steer's grid for ``task``, every row judged by generating on the validation prompts."""
+    dp = so.TrainingDatapoint(format_prompt(tok, task.prompt, chat=task.chat), src_completions=[task.src],
+                              dst_completions=[task.dst])
+    val = list(GENERIC_CHAT_PROMPTS if task.chat else GENERIC_PROMPTS)
+    t = time.perf_counter()
+    res = so.sweep(model, tok, [dp], validation_prompts=val, chat=task.chat, scorer=task.scorer, generate=True,
+                   multipliers=[0.5, 1.0, 1.5, 2.0], max_new_tokens=args.max_new_tokens,
+                   optimize_kwargs=dict(AUTO_STEER_OPTIMIZE_KWARGS), seed=0, progress=False)
+    rows = [{k: r.get(k) for k in KEEP} for r in res.table]
+    emit({"kind": "grid", "task": task.name, "time_s": round(time.perf_counter() - t, 1), "rows": rows})
+    return rows
+
+
+def pick(rows: list[dict[str, Any]], weight: float) -> dict[str, Any]:
+    """The row the signal ``margin_gain_per_token − weight · kl`` ranks first (ties: lower KL, lower strength)."""
+    return max(rows, key=lambda r: (r["margin_gain_per_token"] - weight * r["kl"], -r["kl"], -abs(r["multiplier"])))
+
+
+def leave_one_out(grids: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    out = []
+    for task, rows in grids.items():
+        others = [t for t in grids if t != task]
+        score = {w: statistics.mean(pick(grids[t], w)["fluent_success_rate"] for t in others) for w in WEIGHTS}
+        w = max(WEIGHTS, key=lambda x: (score[x], -x))
+        chosen = pick(rows, w)
+        out.append({"kind": "loto", "task": task, "kl_weight": w, "others_mean_fluent": round(score[w], 3),
+                    "layer": chosen["layer"], "multiplier": chosen["multiplier"],
+                    "val_fluent_success": chosen["fluent_success_rate"],
+                    "val_oracle": max(r["fluent_success_rate"] for r in rows),
+                    "per_weight_val_fluent": {str(x): pick(rows, x)["fluent_success_rate"] for x in WEIGHTS}})
+    return out
+
+
+def judge_on_test(model: Any, tok: Any, task: quality_tasks.Task, choice: dict[str, Any],
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """The left-out choice rebuilt (same optimiser and seed) and judged on the task's first ``--test`` prompts."""
+    dp = so.TrainingDatapoint(format_prompt(tok, task.prompt, chat=task.chat), src_completions=[task.src],
+                              dst_completions=[task.dst])
+    r = so.optimize(model, tok, [dp], choice["layer"], seed=0, progress=False, **AUTO_STEER_OPTIMIZE_KWARGS)
+    ev = Evaluator(model, tok, task.test_prompts[: args.test], scorer=task.scorer, chat=task.chat,
+                   max_new_tokens=args.max_new_tokens, fluency_lang=task.lang, neutral_prompts=None)
+    s = ev.evaluate(r.to_steering_vector(), choice["multiplier"]).summary
+    return {"test_success": s["success_rate"], "test_fluent_success": s["fluent_success_rate"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tasks", default="all", help="comma-separated task names (benchmarks/quality_tasks.py)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--test", type=int, default=0, help="judge each left-out choice on this many test prompts")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--from", dest="from_", default=None, help="re-use the grids of an earlier --out file")
+    ap.add_argument("--out", default=None, help="also write every result to this JSON file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = [t for t in quality_tasks.TASKS if args.tasks == "all" or t.name in args.tasks.split(",")]
+    if len(tasks) < 2:
+        ap.error("--tasks: leave-one-task-out needs at least two tasks")
+    model, tok = so.load_model(device=args.device, dtype=args.dtype)
+    previous = json.loads(Path(args.from_).read_text())["grids"] if args.from_ else {}
+    grids = {t.name: previous[t.name] if t.name in previous else grid(model, tok, t, args) for t in tasks}
+    loto = leave_one_out(grids)
+    for row in loto:
+        if args.test:
+            row.update(judge_on_test(model, tok, next(t for t in tasks if t.name == row["task"]), row, args))
+        emit(row)
+    summary = {"kind": "summary", "weights": list(WEIGHTS), "max_new_tokens": args.max_new_tokens,
+               "optimize_kwargs": AUTO_STEER_OPTIMIZE_KWARGS, "loto": loto,
+               "mean_val_fluent_by_weight": {str(w): round(statistics.mean(
+                   pick(g, w)["fluent_success_rate"] for g in grids.values()), 3) for w in WEIGHTS}}
+    emit(summary)
+    if args.out:
+        text = json.dumps({"grids": grids, **summary}, indent=1) + "\n"
+        atomic_write_file(args.out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
