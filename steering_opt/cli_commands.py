@@ -398,6 +398,8 @@ AUTO_STEER_FLAGS: dict[str, dict[str, Any]] = {
                              help="norm caps as fractions of the residual-stream norm (none: no cap)"),
     "--scorer": dict(dest="scorer", help="success scorer spec, e.g. refusal or language:es (then generates)"),
     "--kl-weight": dict(dest="kl_weight", type=NONNEG_FLOAT, help="weight of the neutral-prompt KL"),
+    "--kl-budget": dict(dest="kl_budget", type=or_none(POS_FLOAT), metavar="NATS",
+                        help="KL ceiling: configurations above it rank last (none: no ceiling)"),
     "--time-budget": dict(dest="time_budget_s", type=POS_FLOAT, metavar="SECONDS", help="soft wall-time budget"),
     "--seed": dict(dest="seed", type=SEED, help="optimiser seed"),
 }

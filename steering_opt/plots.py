@@ -344,7 +344,9 @@ def plot_sweep_heatmap(result: SweepResult, metric: str | None = None, *, varian
     grid = [[math.nan] * len(mults) for _ in layers]
     for r in rows:
         v = r.get(metric)
-        grid[layers.index(r["layer"])][mults.index(r["multiplier"])] = math.nan if v is None else float(v)
+        # blank cells: not measured, or not rankable (e.g. -inf: over auto_steer's kl_budget)
+        grid[layers.index(r["layer"])][mults.index(r["multiplier"])] = \
+            float(v) if v is not None and math.isfinite(float(v)) else math.nan
     im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
     ax.set_xticks(range(len(mults)), [f"{m:g}" for m in mults])
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])

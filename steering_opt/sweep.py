@@ -18,7 +18,8 @@ that works, chosen by measurement on validation prompts.
   how much the steering raises the log-probability (nats) of the promoted completions over the
   suppressed ones on the validation prompts, averaged over prompts and divided by the mean token count
   of the completions (nats per token), and ``kl`` is the mean ``KL(unsteered ‖ steered)`` (nats) on
-  neutral prompts. Needs no generation, so it is cheap.
+  neutral prompts; with a ``kl_budget`` (auto_steer), rows whose ``kl`` exceeds it rank below every row
+  within it (among themselves: the lower KL first). Needs no generation, so it is cheap.
 * ``"fluent_success"`` (the default with a scorer): the fraction of validation prompts whose steered
   generation is a success *and* fluent (distinct-2 ≥ 0.75 and ≥ 95% real words); ties go to the lower KL.
 * ``"success"``: the success rate alone (ties: lower KL).
@@ -53,6 +54,7 @@ from .vector import SteeringVector
 
 __all__ = [
     "AUTO_STEER_OPTIMIZE_KWARGS",
+    "DEFAULT_KL_BUDGET",
     "DEFAULT_KL_WEIGHT",
     "DEFAULT_OPTIMIZE_KWARGS",
     "DEFAULT_SCREEN_STEPS",
@@ -69,34 +71,18 @@ log = logging.getLogger(__name__)
 
 #: Built-in validation prompts for plain-text datapoints (generic sentence starts).
 GENERIC_PROMPTS: tuple[str, ...] = (
-    "I want to tell you about",
-    "Here is what happened yesterday:",
-    "The most interesting thing I learned this week is",
-    "When I woke up this morning,",
-    "My plans for the weekend are",
-    "There is a small shop near my house that",
-    "The first time I travelled alone,",
-    "One of my favourite memories is",
-    "People often ask me why I",
-    "This is a story about a young girl who",
-    "The town where I grew up",
-    "If I had a free afternoon, I would",
+    "I want to tell you about", "Here is what happened yesterday:", "The most interesting thing I learned this week is",
+    "When I woke up this morning,", "My plans for the weekend are", "There is a small shop near my house that",
+    "The first time I travelled alone,", "One of my favourite memories is", "People often ask me why I",
+    "This is a story about a young girl who", "The town where I grew up", "If I had a free afternoon, I would",
 )
 
 #: Built-in validation prompts for chat datapoints (generic, harmless user requests).
 GENERIC_CHAT_PROMPTS: tuple[str, ...] = (
-    "Tell me about the moon.",
-    "What are some good hobbies to try?",
-    "Write a haiku about autumn.",
-    "How do I bake bread?",
-    "Explain photosynthesis simply.",
-    "Suggest a name for my cat.",
-    "How can I improve my sleep?",
-    "What is the capital of France?",
-    "Give me ideas for a picnic.",
-    "How does a bicycle work?",
-    "Write a limerick about a frog.",
-    "What should I cook for dinner tonight?",
+    "Tell me about the moon.", "What are some good hobbies to try?", "Write a haiku about autumn.",
+    "How do I bake bread?", "Explain photosynthesis simply.", "Suggest a name for my cat.",
+    "How can I improve my sleep?", "What is the capital of France?", "Give me ideas for a picnic.",
+    "How does a bicycle work?", "Write a limerick about a frog.", "What should I cook for dinner tonight?",
 )
 
 #: Optimiser settings used by sweeps unless overridden (``optimize_kwargs=``): the documented recipe.
@@ -106,8 +92,12 @@ DEFAULT_OPTIMIZE_KWARGS: dict[str, Any] = {"lr": 0.1, "max_iters": 30}
 #: about a third of its time (``benchmarks/bench_time_to_vector.py``).
 AUTO_STEER_OPTIMIZE_KWARGS: dict[str, Any] = {"optimizer": "lbfgs", "lr": 0.3, "max_iters": 8}
 
-#: Weight of the neutral-prompt KL (nats) against the per-token margin gain (nats) in ``"margin"``.
+#: Weight of the neutral-prompt KL (nats) against the per-token margin gain (nats) in ``"margin"`` (sweep).
 DEFAULT_KL_WEIGHT = 1.0
+
+#: auto_steer's signal: the margin gain among configurations whose neutral-prompt KL is at most this (nats), no
+#: penalty within it; chosen by leave-one-task-out over 14 signals (``benchmarks/bench_signal.py``).
+DEFAULT_KL_BUDGET = 2.5
 
 #: Optimiser steps of auto_steer's screening stage (every candidate layer and norm cap gets this many).
 DEFAULT_SCREEN_STEPS = 8
@@ -281,15 +271,17 @@ class SweepResult:
         return f"SweepResult({len(self.table)} rows, best: {choice}, {self.time_s:.0f} s)"
 
 
-def _criterion_fn(criterion: str | Callable[[dict], float], kl_weight: float) -> Callable[[dict], float]:
+def _criterion_fn(criterion: str | Callable[[dict], float], kl_weight: float,
+                  kl_budget: float | None = None) -> Callable[[dict], float]:
     if callable(criterion):
         return criterion
 
     def kl_of(row: dict) -> float:
         return float(row.get("kl") or 0.0)
 
-    if criterion == "margin":
-        return lambda r: float(r.get("margin_gain_per_token") or 0.0) - kl_weight * kl_of(r)
+    if criterion == "margin":  # over the budget: -inf (ranked by _rank_key's tie-breaks: the lower KL first)
+        return lambda r: -math.inf if kl_budget is not None and kl_of(r) > kl_budget else \
+            float(r.get("margin_gain_per_token") or 0.0) - kl_weight * kl_of(r)
     if criterion == "fluent_success":
         return lambda r: float(r.get("fluent_success_rate") or 0.0)
     if criterion == "success":
@@ -512,7 +504,8 @@ def auto_steer(
     model: nn.Module, tokenizer: Any, datapoints: Sequence[TrainingDatapoint], *,
     validation_prompts: Sequence[Prompt] | None = None, scorer: Any = None, time_budget_s: float | None = None,
     layers: Sequence[int] | None = None, multipliers: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
-    norm_fractions: Sequence[float | None] = (None,), kl_weight: float = DEFAULT_KL_WEIGHT,
+    norm_fractions: Sequence[float | None] = (None,), kl_weight: float = 0.0,
+    kl_budget: float | None = DEFAULT_KL_BUDGET,
     neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS, optimize_kwargs: dict[str, Any] | None = None,
     screen_steps: int = DEFAULT_SCREEN_STEPS, finalists: int | None = None, strength_finalists: int | None = 2,
     seed: int = 0, progress: bool | None = None,
@@ -521,7 +514,8 @@ def auto_steer(
 
     Signal (no ``scorer``): the promoted completions' log-prob gain over the suppressed ones on the validation
     prompts (nats per token) minus ``kl_weight`` × the KL (nats) on neutral prompts (unsteered distributions
-    computed once). Stages: (1) each (layer, norm cap) gets ``screen_steps`` optimiser steps (default: all of
+    computed once), among the configurations whose KL is at most ``kl_budget`` (those above rank last, the lower
+    KL first). Stages: (1) each (layer, norm cap) gets ``screen_steps`` optimiser steps (default: all of
     ``optimize_kwargs['max_iters']``, 8 L-BFGS iterations) and is measured at strength 1; (2) with more steps than
     that, the ``finalists`` best by the signal continue to the full step count and are measured at every
     multiplier, else the ``strength_finalists`` best are measured at the other multipliers; (3) with a ``scorer``,
@@ -537,7 +531,9 @@ def auto_steer(
             once the elapsed time plus the mean cost of one would exceed it. ``None``: the full grid.
         layers, multipliers: candidate layers (default: 15%, 25%, 35%, 45% of the depth) and strengths.
         norm_fractions: norm caps as fractions of the median residual-stream norm at each layer (``None``: no cap).
-        kl_weight, neutral_prompts: the KL penalty.
+        kl_weight, kl_budget, neutral_prompts: the KL penalty (default 0) and ceiling (nats, default
+            :data:`DEFAULT_KL_BUDGET`; None: none), and the prompts it is measured on. Earlier versions ranked by
+            ``kl_weight=1.0, kl_budget=None``.
         optimize_kwargs: :func:`~steering_opt.optimize.optimize` options over :data:`AUTO_STEER_OPTIMIZE_KWARGS`
             (8 L-BFGS iterations; the recipe as before: ``{"optimizer": "adam", "lr": 0.1, "max_iters": 30}``).
         screen_steps, finalists: screening steps; configurations finished (None: all). With at most
@@ -581,7 +577,9 @@ def auto_steer(
                    neutral_prompts=neutral_prompts, chat=chat, generate=False)
     comp_tokens = [len(x) for x in ev.promote_ids + ev.suppress_ids]
     per_token = sum(comp_tokens) / len(comp_tokens)
-    crit_fn = _criterion_fn("margin", float(kl_weight))
+    if kl_budget is not None and not (isinstance(kl_budget, (int, float)) and kl_budget > 0):
+        raise ValueError(f"`kl_budget` must be a positive number of nats or None, got {kl_budget!r}")
+    crit_fn = _criterion_fn("margin", float(kl_weight), kl_budget)
     norms_at: dict[int, float] = {}
     if any(f is not None for f in fracs):
         norms_at = residual_norms(model, tokenizer, val[:4], layer_list, chat=chat)

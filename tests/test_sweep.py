@@ -245,6 +245,27 @@ def test_auto_steer_returns_scaled_vector_and_table(tiny_llama, tokenizer) -> No
         assert r["norm"] <= 0.5 * norms[r["layer"]] + 1e-4
 
 
+def test_auto_steer_kl_budget_ranks_rows_over_it_last(tiny_llama, tokenizer) -> None:
+    kw = dict(validation_prompts=VAL, layers=[1, 2], multipliers=[0.5, 1.0, 2.0], neutral_prompts=NEUTRAL,
+              optimize_kwargs=FAST, strength_finalists=None)
+    _, free = auto_steer(tiny_llama, tokenizer, [DP], **kw)
+    kls = sorted(r["kl"] for r in free.table)
+    _, none_fit = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=kls[0] / 2, **kw)
+    assert none_fit.best["kl"] == pytest.approx(kls[0])  # nothing within: the smallest KL
+    assert all(r["criterion"] == -math.inf for r in none_fit.table)
+    mid = kls[len(kls) // 2]
+    _, some = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=mid, **kw)
+    within = [r for r in free.table if r["kl"] <= mid]
+    assert some.best["kl"] <= mid
+    assert (some.best["layer"], some.best["multiplier"]) == max(
+        ((r["layer"], r["multiplier"]) for r in within), key=lambda k: next(
+            r["criterion"] for r in free.table if (r["layer"], r["multiplier"]) == k))
+    fig = none_fit.plot_heatmap()  # cells over the budget are left blank, the figure still draws
+    assert fig.axes and fig.axes[0].images
+    with pytest.raises(ValueError, match="kl_budget"):
+        auto_steer(tiny_llama, tokenizer, [DP], kl_budget=0, **kw)
+
+
 def test_auto_steer_with_scorer_and_budget(tiny_llama, tokenizer) -> None:
     def scorer(completion: str, prompt: str) -> float:
         return float("e" in completion)
