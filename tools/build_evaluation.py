@@ -78,10 +78,11 @@ strength.plot_strength("success_rate")"""),
     ("md", """## `auto_steer`: from the datapoint to steering that works
 
 It optimises a vector at each candidate layer (default: 15/25/35/45% of the depth; two here to keep the
-notebook short), measures every strength on the generic validation prompts by the promoted completions'
-log-prob gain over the suppressed ones (nats per token) minus the KL on neutral prompts, and returns the best
-vector already scaled, with the table it chose from. Pass `scorer=` to judge the best candidates by
-generation instead, and `time_budget_s=` to bound the time."""),
+notebook short) with 8 L-BFGS iterations, measures each at strength 1 on the generic validation prompts by the
+promoted completions' log-prob gain over the suppressed ones (nats per token), and the two best also at the
+other strengths; configurations whose KL on neutral prompts exceeds `kl_budget` (2.5 nats) rank last. It
+returns the best vector already scaled, with the table it chose from. Pass `scorer=` to judge the best
+candidates by generation instead, and `time_budget_s=` to bound the time."""),
     ("code", """auto_vector, report = steering_opt.auto_steer(model, tokenizer, [datapoint], layers=[4, 8],
                                               multipliers=[0.5, 0.75, 1.0, 1.5], time_budget_s=120)
 print(report)
