@@ -507,7 +507,7 @@ def auto_steer(
     norm_fractions: Sequence[float | None] = (None,), kl_weight: float = 0.0,
     kl_budget: float | None = DEFAULT_KL_BUDGET,
     neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS, optimize_kwargs: dict[str, Any] | None = None,
-    screen_steps: int = DEFAULT_SCREEN_STEPS, finalists: int | None = None, strength_finalists: int | None = 2,
+    screen_steps: int = DEFAULT_SCREEN_STEPS, finalists: int | None = None, strength_finalists: int | None = 1,
     seed: int = 0, progress: bool | None = None,
 ) -> tuple[SteeringVector, SweepResult]:
     """From datapoint(s) to a steering vector that works, chosen by measurement on validation prompts.
@@ -539,7 +539,8 @@ def auto_steer(
         screen_steps, finalists: screening steps; configurations finished (None: all). With at most
             ``screen_steps`` steps in all (the default) there is no finishing stage.
         strength_finalists: without a finishing stage, every configuration is measured at strength 1 and these
-            many best by the signal at every other strength (None: all at every strength).
+            many best by the signal at the other strengths (None: all at every strength), in order of size; a
+            strength larger than one already over ``kl_budget`` is not measured (the KL grows with it).
         seed: the optimiser's seed.
         progress: one bar over the configurations (screened, finished, judged), with an ETA: ``None`` (default)
             when a person is watching (see :mod:`steering_opt.progress`), ``True`` / ``False``.
@@ -631,8 +632,14 @@ def auto_steer(
                 bar.set_postfix(f"strengths: layer {k[0]}, {k[1]}")
                 first = next(r for r in table if (r["layer"], r["variant"]) == k)
                 extra = {key: first[key] for key in ("norm_fraction", "train_loss", "build_s", "steps", "stage")}
-                table.extend(_measure(ev, vectors[k], k[0], k[1], [m for m in mults if m not in one], extra,
-                                      per_token, crit_fn))
+                over = [abs(first["multiplier"])] if kl_budget is not None and (first["kl"] or 0) > kl_budget else []
+                for m in sorted((m for m in mults if m not in one), key=abs):
+                    if over and abs(m) > min(over):  # the KL grows with the strength: over the budget too
+                        notes.append(f"layer {k[0]}, {k[1]}: x{m:g} not measured (x{min(over):g} is over kl_budget)")
+                        continue
+                    table.extend(_measure(ev, vectors[k], k[0], k[1], [m], extra, per_token, crit_fn))
+                    if kl_budget is not None and (table[-1]["kl"] or 0) > kl_budget:
+                        over.append(abs(m))
         criterion = "margin"
         best = max(table, key=_rank_key)
         if scorer_fn is not None:

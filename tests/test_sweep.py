@@ -222,7 +222,7 @@ def test_auto_steer_returns_scaled_vector_and_table(tiny_llama, tokenizer) -> No
     before = _state(tiny_llama)
     vec, report = auto_steer(tiny_llama, tokenizer, [DP], validation_prompts=VAL, layers=[1, 2],
                              multipliers=[0.5, 1.0], norm_fractions=[None, 0.5], neutral_prompts=NEUTRAL,
-                             optimize_kwargs=FAST)
+                             optimize_kwargs=FAST, strength_finalists=2)
     assert _state(tiny_llama) == before
     assert isinstance(vec, SteeringVector) and vec.metadata["method"] == "auto_steer"
     # every (layer, cap) at strength 1, the two best of those (strength_finalists=2) also at 0.5
@@ -264,6 +264,23 @@ def test_auto_steer_kl_budget_ranks_rows_over_it_last(tiny_llama, tokenizer) -> 
     assert fig.axes and fig.axes[0].images
     with pytest.raises(ValueError, match="kl_budget"):
         auto_steer(tiny_llama, tokenizer, [DP], kl_budget=0, **kw)
+
+
+def test_auto_steer_does_not_measure_strengths_above_one_over_the_budget(tiny_llama, tokenizer) -> None:
+    kw = dict(validation_prompts=VAL, layers=[1, 2], multipliers=[0.5, 1.0, 1.5, 2.0], neutral_prompts=NEUTRAL,
+              optimize_kwargs=FAST)
+    _, free = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=None, strength_finalists=None, **kw)
+    kl = {(r["layer"], r["multiplier"]): r["kl"] for r in free.table}
+    best_layer = max((r for r in free.table if r["multiplier"] == 1.0), key=lambda r: r["criterion"])["layer"]
+    budget = (kl[(best_layer, 1.0)] + kl[(best_layer, 1.5)]) / 2  # x1 within, x1.5 over: x2 is skipped
+    _, rep = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=budget, kl_weight=1.0, **kw)
+    measured = {(r["layer"], r["multiplier"]) for r in rep.table}
+    top = max((r for r in rep.table if r["multiplier"] == 1.0), key=lambda r: r["criterion"])["layer"]
+    others = [m for layer, m in measured if layer == top and m != 1.0]
+    assert top == best_layer and kl[(top, 1.0)] <= budget < kl[(top, 1.5)]
+    assert sorted(others) == [0.5, 1.5] and any("x2 not measured" in n for n in rep.notes)
+    assert {layer for layer, m in measured if m != 1.0} == {top}  # strength_finalists=1: one layer
+    assert len(measured) == len(rep.table)
 
 
 def test_auto_steer_with_scorer_and_budget(tiny_llama, tokenizer) -> None:
