@@ -79,7 +79,7 @@ strength.plot_strength("success_rate")"""),
 
 It optimises a vector at each candidate layer (default: 15/25/35/45% of the depth; two here to keep the
 notebook short) with 8 L-BFGS iterations, measures each at strength 1 on the generic validation prompts by the
-promoted completions' log-prob gain over the suppressed ones (nats per token), and the two best also at the
+promoted completions' log-prob gain over the suppressed ones (nats per token), and the best one also at the
 other strengths; configurations whose KL on neutral prompts exceeds `kl_budget` (2.5 nats) rank last. It
 returns the best vector already scaled, with the table it chose from. Pass `scorer=` to judge the best
 candidates by generation instead, and `time_budget_s=` to bound the time."""),
