@@ -602,9 +602,10 @@ class Evaluator:
     def _measure(self, steering: Any, multiplier: float, label: str | None) -> EvalResult:
         start = time.perf_counter()
         base = self.baseline()
-        upper = self._upper_blocks(steering)
-        with frozen_model(self.model), upper.feeding() if upper else contextlib.nullcontext():
-            with steering_context(self.model, steering, multiplier):
+        with frozen_model(self.model):
+            upper = self._upper_blocks(steering)  # in eval mode: the view copies the train/eval flags when made
+            with upper.feeding() if upper else contextlib.nullcontext(), \
+                    steering_context(self.model, steering, multiplier):
                 fwd = upper.forward if upper else None
                 prom, supp, marg = self._margins(fwd)
                 neutral = (next_token_logprobs(self.model, self.tokenizer, self.neutral_ids, forward=fwd,

@@ -398,8 +398,10 @@ def test_scoring_from_the_lowest_steered_block_is_exact(tiny_model, tokenizer) -
         ev = Evaluator(tiny_model, tokenizer, PROMPTS, promote=[" mat", " blue sky"], suppress=[" dog"],
                        neutral_prompts=["Once upon a time", "The weather is"], generate=False)
         ev.reuse_lower_blocks = reuse
+        tiny_model.train(reuse)  # a model left in train mode (dropout) is measured in eval mode either way
         before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
         got[reuse] = [ev.evaluate(s, m).summary for s, m in cases]
+        assert tiny_model.training == reuse
         assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in before.items())
         assert not any(b._forward_pre_hooks or b._forward_hooks for b in get_blocks(tiny_model))
     stored = {k for k, u in ev._upper.items() if u is not None}
