@@ -287,7 +287,9 @@ def test_auto_steer_saves_the_library_choice(capsys, model_dir: Path, data_dir: 
                               multipliers=[1, 2], optimize_kwargs={"max_iters": 2})
     doc = json.loads((tmp_path / "report.json").read_text())
     assert (doc["best"]["layer"], doc["best"]["multiplier"]) == (ref.best["layer"], ref.best["multiplier"])
-    assert len(doc["rows"]) == 4 and doc["criterion"] == "margin"
+    # both layers at strength 1, the better one also at 2 (unless x1 is already over the KL budget)
+    assert len(doc["rows"]) == len(ref.table) in (2, 3) and doc["criterion"] == "margin"
+    assert [(r["layer"], r["multiplier"]) for r in doc["rows"]] == [(r["layer"], r["multiplier"]) for r in ref.table]
     vec = so.load(tmp_path / "v", model=model)
     layer = ref.best["layer"]
     torch.testing.assert_close(vec.layer_activations[layer], ref_vec.layer_activations[layer])
