@@ -49,21 +49,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _saved_bytes(fn: Any, model: Any) -> int:
-    """Bytes of activations autograd saves for backward in one call of ``fn`` (weights excluded)."""
-    total = [0]
-    weights = {p.data_ptr() for p in model.parameters()}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in weights:
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
-
-
 def time_engine(model: Any, tok: Any, dps: list, layers: list[int], engine: str, *, per_layer: bool,
                 steps: int, warmup: int) -> dict[str, Any]:
     """Median seconds per optimiser step of ``engine`` on ``dps`` steering ``layers``: the engine's loss and
@@ -97,7 +82,7 @@ def time_engine(model: Any, tok: Any, dps: list, layers: list[int], engine: str,
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    out = {"s_per_step": statistics.median(times[warmup:]), "saved_mb": _saved_bytes(step, model) / 2**20}
+    out = {"s_per_step": statistics.median(times[warmup:]), "saved_mb": workloads.saved_bytes(step, model) / 2**20}
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

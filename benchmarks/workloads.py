@@ -1,6 +1,10 @@
-"""Shared benchmark workloads (the seed tutorial's datapoint and variations of it)."""
+"""Shared benchmark workloads (the seed tutorial's datapoint and variations of it) and ``saved_bytes``."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import torch
 
 from steering_opt import TrainingDatapoint
 
@@ -45,3 +49,20 @@ def many_datapoints() -> list[TrainingDatapoint]:
     """(c) 8 datapoints × 2 completions, prompts of different lengths."""
     return [TrainingDatapoint(p, src_completions=[" " + EN_MORE[i % 4]], dst_completions=[" " + ES_MORE[i % 4]])
             for i, p in enumerate(PROMPTS)]
+
+
+def saved_bytes(fn: Any, model: torch.nn.Module) -> int:
+    """Bytes of the activations autograd saves for backward while ``fn`` runs (the model's weights excluded):
+    the memory a training step holds at its peak beyond the model. Used by ``bench_optimize.py`` and by the
+    engine's memory test."""
+    weights = {p.data_ptr() for p in model.parameters()}
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in weights:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]

@@ -5,7 +5,9 @@ arguments (``seed``, ``temperature``) checked before any work."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,9 @@ import steering_opt.evaluate as ev
 from steering_opt import arch
 from steering_opt.data import DST, SRC, TokenizedCompletion
 from steering_opt.engine import FastEngine, Objective, SteerSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from workloads import saved_bytes  # noqa: E402  (the benchmarks' measurement of saved activations)
 
 ALLOC_ERROR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                "you tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
@@ -39,21 +44,6 @@ def _spec(v: torch.Tensor, layer: int) -> Any:
     return lambda idx: SteerSpec(rows={layer: v[None].expand(len(idx), -1)})
 
 
-def _saved_bytes(fn: Any, model: torch.nn.Module) -> int:
-    """Bytes of the activations autograd saves for backward while ``fn`` runs (weights excluded)."""
-    weights = {p.data_ptr() for p in model.parameters()}
-    total = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in weights:
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
-
-
 # ------------------------------------------------------------------------------------------ memory
 
 
@@ -64,7 +54,7 @@ def test_thousands_of_short_completions_keep_memory_bounded() -> None:
     seqs = _short_seqs(1, 2000, 512)
     v = torch.zeros(arch.hidden_size(model), requires_grad=True)
     eng = FastEngine(model, seqs, [1], Objective())
-    saved = _saved_bytes(lambda: eng.run(_spec(v, 1)), model)
+    saved = saved_bytes(lambda: eng.run(_spec(v, 1)), model)
     assert saved < 300 * 2**20, f"{saved / 2**20:.0f} MiB saved for backward"
     assert max(c.input_ids.shape[1] for chunks in eng._chunks.values() for c in chunks) <= 256
     grad = v.grad.clone()
