@@ -32,19 +32,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import arch
+from . import arch, packing
 from .data import SRC
 from .data import TokenizedCompletion as Seq
 from .hooks import HookSpec, attach, capture_inputs
 from .parameterization import ADDITIVE, Steering, steer
 
 log = logging.getLogger(__name__)
-
-#: A packed row (one prompt and several completions) grows to at least this many tokens (see FastEngine).
-PACKED_ROW_TOKENS = 256
-#: A chunk gathers at most ``max(1, LOGIT_ELEMENTS // vocab)`` positions for the LM head (its float32 logits and
-#: log-softmax are ``(positions, vocab)``: 512 MiB each at this bound).
-LOGIT_ELEMENTS = 2**27
 
 
 @dataclasses.dataclass
@@ -258,131 +252,58 @@ class FastEngine(Engine):
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens
         self.cache_lower_layers = cache_lower_layers and layer_config is None
-        self.share_prompts = share_prompts and self._tree_mask_ok()
+        self.share_prompts = share_prompts and packing.tree_mask_ok(model, max(len(s.ids) for s in self.seqs))
         self.low = self.layers[0]
-        head = model.get_output_embeddings()  # type: ignore[operator]  # an HF PreTrainedModel method
-        if head is None:
+        if model.get_output_embeddings() is None:  # type: ignore[operator]  # an HF PreTrainedModel method
             raise ValueError("model has no output embeddings (get_output_embeddings() is None)")
-        self.head: nn.Module = head
-        vocab = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
-        #: predicted positions per chunk (bounds the ``(positions, vocab)`` logits; see LOGIT_ELEMENTS)
-        self.max_logits = max(1, LOGIT_ELEMENTS // vocab) if isinstance(vocab, int) and vocab > 0 else 2**62
+        #: predicted positions per chunk (bounds the ``(positions, vocab)`` logits; see packing.LOGIT_ELEMENTS)
+        self.max_logits = packing.max_logits(model)
         self.dtype = next(model.parameters()).dtype
         self._chunks: dict[tuple[int, ...], list[_Chunk]] = {}
 
-    def _tree_mask_ok(self) -> bool:
-        cfg = getattr(self.model, "config", None)
-        impl = getattr(cfg, "_attn_implementation", None)
-        if impl not in ("eager", "sdpa"):
-            return False
-        longest = max(len(s.ids) for s in self.seqs)
-        for c in (cfg, getattr(cfg, "text_config", None)):
-            window = getattr(c, "sliding_window", None) if c is not None else None
-            if isinstance(window, int) and window < longest:
-                return False
-        return True
-
     def _groups(self, idx: list[int]) -> list[list[int]]:
-        """The packed rows: each datapoint's completions after one copy of its prompt (linear time). A row
-        grows to at most ``max(PACKED_ROW_TOKENS, 2 × its longest sequence)`` tokens (and ``max_batch_tokens``):
-        its attention costs ``T²``, so longer rows would cost more memory than not packing."""
+        """The packed rows: each datapoint's completions after one copy of its prompt (linear time), split as
+        :func:`steering_opt.packing.split_row` does."""
         if not self.share_prompts:
             return [[i] for i in idx]
         groups: dict[int, list[int]] = {}
         for i in idx:
             groups.setdefault(self.seqs[i].datapoint, []).append(i)
-        out = []
-        for g in groups.values():
-            p = self.seqs[g[0]].prompt_len
-            lens = [self.seqs[i].completion_len for i in g]
-            limit = min(self.max_batch_tokens, max(PACKED_ROW_TOKENS, 2 * (p + max(lens))))
-            cur: list[int] = []
-            total = p
-            for i, n in zip(g, lens):
-                if cur and total + n > limit:
-                    out.append(cur)
-                    cur, total = [], p
-                cur.append(i)
-                total += n
-            out.append(cur)
-        return out
-
-    def _packed_len(self, group: list[int]) -> int:
-        p = self.seqs[group[0]].prompt_len
-        return p + sum(self.seqs[i].completion_len for i in group)
+        return [[g[j] for j in row] for g in groups.values() for row in packing.split_row(
+            self.seqs[g[0]].prompt_len, [self.seqs[i].completion_len for i in g], self.max_batch_tokens)]
 
     def _make_chunks(self, idx: list[int]) -> list[_Chunk]:
         """Rows batched while ``rows × longest row ≤ max_batch_tokens`` and the predicted positions stay within
         :attr:`max_logits` (linear time)."""
-        chunks: list[_Chunk] = []
-        cur: list[list[int]] = []
-        longest = gathered = 0
-        for g in self._groups(idx):
-            n, m = self._packed_len(g), sum(self.seqs[i].completion_len for i in g)
-            if cur and (max(longest, n) * (len(cur) + 1) > self.max_batch_tokens or gathered + m > self.max_logits):
-                chunks.append(self._build_chunk(cur))
-                cur, longest, gathered = [], 0, 0
-            cur.append(g)
-            longest, gathered = max(longest, n), gathered + m
-        if cur:
-            chunks.append(self._build_chunk(cur))
-        return chunks
+        groups = self._groups(idx)
+        lens = [[self.seqs[i].completion_len for i in g] for g in groups]
+        return [self._build_chunk([groups[j] for j in b]) for b in packing.batches(
+            [self.seqs[g[0]].prompt_len + sum(n) for g, n in zip(groups, lens)], [sum(n) for n in lens],
+            max_batch_tokens=self.max_batch_tokens, max_positions=self.max_logits)]
 
     def _build_chunk(self, groups: list[list[int]]) -> _Chunk:
         seq_idx = [i for g in groups for i in g]
-        T = max(self._packed_len(g) for g in groups)
-        B = len(groups)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        seg = torch.full((B, T), -2, dtype=torch.long)  # -1 prompt, j completion j, -2 padding
-        steer_m = torch.zeros(B, T, dtype=torch.bool)
-        gb: list[int] = []
-        gt: list[int] = []
-        tg: list[int] = []
-        ow: list[int] = []
+        P = [self.seqs[g[0]].prompt_len for g in groups]
+        packed = packing.pack([(self.seqs[g[0]].ids[:p], [self.seqs[i].ids[p:] for i in g])
+                               for g, p in zip(groups, P)], dtype=self.dtype)
+        steer_m = torch.zeros(packed.input_ids.shape, dtype=torch.bool)
         rw: list[int] = []
-        row_first = []
-        k = 0
-        for b, g in enumerate(groups):
-            row_first.append(k)
-            first = self.seqs[g[0]]
-            P = first.prompt_len
-            ids[b, :P] = torch.tensor(first.ids[:P])
-            pos[b, :P] = torch.arange(P)
-            seg[b, :P] = -1
-            flags0 = first.steer_positions
-            steer_m[b, :P] = True if flags0 is None else torch.tensor(flags0[:P])
-            o = P
-            for j, i in enumerate(g):
+        for b, (g, p) in enumerate(zip(groups, P)):
+            flags0 = self.seqs[g[0]].steer_positions
+            steer_m[b, :p] = True if flags0 is None else torch.tensor(flags0[:p])
+            for i, o in zip(g, packed.starts[b]):
                 s = self.seqs[i]
                 n = s.completion_len
-                ids[b, o: o + n] = torch.tensor(s.ids[P:])
-                pos[b, o: o + n] = torch.arange(P, P + n)
-                seg[b, o: o + n] = j
-                steer_m[b, o: o + n] = True if s.steer_positions is None else torch.tensor(s.steer_positions[P:])
-                gb += [b] * n
-                gt += [P - 1] + list(range(o, o + n - 1))
-                tg += s.ids[P:]
-                ow += [k] * n
+                steer_m[b, o: o + n] = True if s.steer_positions is None else torch.tensor(s.steer_positions[p:])
                 rw += range(int(self.row0[i]), int(self.row0[i]) + n)
-                o += n
-                k += 1
-        attn = None
-        if self.share_prompts and any(len(g) > 1 for g in groups):
-            causal = torch.ones(T, T, dtype=torch.bool).tril()
-            same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == -1)
-            allowed = causal[None] & same & (seg[:, None, :] != -2)
-            allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding rows attend to themselves
-            attn = torch.zeros(B, 1, T, T, dtype=self.dtype)
-            attn.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
-            attn = attn.to(self.device)
+        attn = packed.attention_mask if packed.attention_mask.dim() == 4 else None
         need_mask = any(self.seqs[i].steer_positions is not None for i in seq_idx)
+        row_first = torch.tensor([0] + [len(g) for g in groups[:-1]]).cumsum(0)
         return _Chunk(
-            groups=groups, seq_idx=seq_idx, row_first=torch.tensor(row_first), input_ids=ids.to(self.device),
-            position_ids=pos.to(self.device), attn=attn,
-            mask=steer_m.to(self.device) if need_mask else None,
-            gather_b=torch.tensor(gb), gather_t=torch.tensor(gt), targets=torch.tensor(tg), owner=torch.tensor(ow),
-            rows=torch.tensor(rw, dtype=torch.long),
+            groups=groups, seq_idx=seq_idx, row_first=row_first, input_ids=packed.input_ids.to(self.device),
+            position_ids=packed.position_ids.to(self.device), attn=None if attn is None else attn.to(self.device),
+            mask=steer_m.to(self.device) if need_mask else None, gather_b=packed.gather_b, gather_t=packed.gather_t,
+            targets=packed.targets, owner=packed.owner, rows=torch.tensor(rw, dtype=torch.long),
         )
 
     def _forward(self, chunk: _Chunk, model: nn.Module | None = None) -> Any:
@@ -464,15 +385,8 @@ class FastEngine(Engine):
             for layer in self.layers:
                 replace = chunk.cache if (use_cache and layer == self.low) else None
                 specs.append((self.modules[layer], self._hook_for(layer, spec, chunk.mask, replace), "pre"))
-            gb, gt = chunk.gather_b, chunk.gather_t
-
-            def gather(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-                """The head sees only the positions that predict a completion token: ``(1, N, d)``."""
-                h = arch.get_hidden_states(args, kwargs)
-                return arch.replace_hidden_states(args, kwargs, h[gb.to(h.device), gt.to(h.device)][None])
-
-            specs.append((self.head, gather, "pre"))
-            with torch.set_grad_enabled(grad), attach(specs):
+            with torch.set_grad_enabled(grad), attach(specs), \
+                    packing.head_gather(self.model, chunk.gather_b, chunk.gather_t):
                 logits = self._forward(chunk, upper).logits[0]
                 logp = self.objective.token_scores(logits, chunk.targets, chunk.rows)
                 idx_t = torch.tensor(chunk.seq_idx)

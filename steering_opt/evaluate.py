@@ -61,6 +61,7 @@ from .passes import (
     format_prompt,
     generate_ids,
     is_chat,
+    logprob_batches,
     mean_kl,
     next_token_logprobs,
     planned_passes,
@@ -504,6 +505,7 @@ class Evaluator:
                                   "a prompt (+ completion)")
         self._base: dict[str, Any] | None = None
         self.reuse_lower_blocks = True  # scoring passes run only the blocks from the lowest steered one on
+        self.share_prompts = True  # margins: both completions after one copy of each prompt (off: raw hooks)
         self._upper: dict[int, UpperBlocks | None] = {}
 
     # --------------------------------------------------------------------------- measurements
@@ -516,14 +518,20 @@ class Evaluator:
         return upper_blocks(self.model, min([x for v, _ in vectors for x in v.layers] + [x for x, _ in hooks]),
                             self._upper)
 
-    def _margins(self, forward: Forward | None = None) -> tuple[list[float | None], list[float | None],
-                                                                 list[float | None]]:
+    def _share(self, steering: Any) -> bool:
+        """Whether the margins pack each prompt's completions (not under raw hooks: they may select tokens by
+        position from the end of the sequence)."""
+        return self.share_prompts and not _normalize_steering(steering)[1]
+
+    def _margins(self, forward: Forward | None = None, share: bool = False) -> tuple[
+            list[float | None], list[float | None], list[float | None]]:
         comps = self.promote_ids + self.suppress_ids
         if not comps:
             n = len(self.prompt_ids)
             return [None] * n, [None] * n, [None] * n
         pairs = [(p, c) for p in self.prompt_ids for c in comps]
-        lps = token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size, forward=forward)
+        lps = token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size, forward=forward,
+                             share_prompts=share)
         sums = torch.tensor([float(x.sum()) for x in lps]).view(len(self.prompt_ids), len(comps))
         n_p = len(self.promote_ids)
         prom = sums[:, :n_p].mean(1).tolist() if n_p else [None] * len(self.prompt_ids)
@@ -547,13 +555,9 @@ class Evaluator:
             rw = real_word_fraction(text, self.fluency_lang) if self.fluency_lang else None
             fluent = d2 >= self.min_distinct2 and (rw is None or rw >= self.min_real_words)
             success = None if score is None else score >= 0.5
-            out["score"].append(score)
-            out["success"].append(success)
-            out["distinct2"].append(d2)
-            out["repetition"].append(repetition_rate(text))
-            out["real_words"].append(rw)
-            out["fluent"].append(fluent)
-            out["fluent_success"].append(None if success is None else bool(success and fluent))
+            for k, v in zip(out, (score, success, d2, repetition_rate(text), rw, fluent,
+                                  None if success is None else bool(success and fluent))):
+                out[k].append(v)
         return out
 
     def _nll(self, ids: list[list[int]]) -> tuple[list[float], list[int]]:
@@ -567,7 +571,7 @@ class Evaluator:
         if self._base is None:
             with frozen_model(self.model):
                 base: dict[str, Any] = {}
-                base["promote"], base["suppress"], base["margin"] = self._margins()
+                base["promote"], base["suppress"], base["margin"] = self._margins(share=self.share_prompts)
                 if self.neutral_ids:
                     base["neutral"] = next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
                                                            positions=self.kl_positions, batch_size=self.batch_size)
@@ -578,15 +582,16 @@ class Evaluator:
             self._base = base
         return self._base
 
-    def planned_passes(self) -> int:
-        """The forward passes of one :meth:`evaluate` (twice as many while the baseline is not cached)."""
+    def planned_passes(self, steering: Any = None) -> int:
+        """The forward passes of one :meth:`evaluate` of ``steering`` (twice as many while the baseline is not
+        cached)."""
         bs, gen = self.batch_size, int(self.gen_kwargs["max_new_tokens"]) if self.do_generate else 0
-        comps = self.promote_ids + self.suppress_ids
-        one = planned_passes([len(p) + len(c) for p in self.prompt_ids for c in comps], bs) + \
+        pairs = [(p, c) for p in self.prompt_ids for c in self.promote_ids + self.suppress_ids]
+        one = len(logprob_batches(self.model, pairs, bs, share_prompts=self._share(steering))) + \
             planned_passes([len(p) for p in self.neutral_ids], bs)
         if gen:
             one += planned_passes([len(p) for p in self.prompt_ids], bs, generate=gen) + \
-                planned_passes([len(p) + gen for p in self.prompt_ids], bs)
+                len(logprob_batches(self.model, [(p, [0] * gen) for p in self.prompt_ids], bs))
         return one * (2 if self._base is None else 1)
 
     def evaluate(self, steering: Any, multiplier: float = 1.0, *, label: str | None = None,
@@ -596,7 +601,7 @@ class Evaluator:
         multiplier = _strength(multiplier)
         _check_steering(self.model, steering)
         check_progress(progress)
-        with overall(self.planned_passes(), "evaluate", progress=progress, unit="pass"):
+        with overall(self.planned_passes(steering), "evaluate", progress=progress, unit="pass"):
             return self._measure(steering, multiplier, label)
 
     def _measure(self, steering: Any, multiplier: float, label: str | None) -> EvalResult:
@@ -607,7 +612,7 @@ class Evaluator:
             with upper.feeding() if upper else contextlib.nullcontext(), \
                     steering_context(self.model, steering, multiplier):
                 fwd = upper.forward if upper else None
-                prom, supp, marg = self._margins(fwd)
+                prom, supp, marg = self._margins(fwd, self._share(steering))
                 neutral = (next_token_logprobs(self.model, self.tokenizer, self.neutral_ids, forward=fwd,
                                                 positions=self.kl_positions, batch_size=self.batch_size)
                            if self.neutral_ids else None)
@@ -637,14 +642,10 @@ class Evaluator:
             records.append(r)
         summary: dict[str, Any] = {"n_prompts": len(records)}
         if texts is not None:
-            summary["success_rate"] = _mean([r["success"] for r in records])
-            summary["unsteered_success_rate"] = _mean([r["unsteered_success"] for r in records])
-            summary["fluent_rate"] = _mean([r["fluent"] for r in records])
-            summary["fluent_success_rate"] = _mean([r["fluent_success"] for r in records])
+            for key in ("success", "unsteered_success", "fluent", "fluent_success"):
+                summary[f"{key}_rate"] = _mean([r[key] for r in records])
             summary["unsteered_fluent_success_rate"] = _mean(base["quality"]["fluent_success"])
-            summary["distinct2"] = _mean([r["distinct2"] for r in records])
-            summary["repetition"] = _mean([r["repetition"] for r in records])
-            summary["real_words"] = _mean([r["real_words"] for r in records])
+            summary.update({k: _mean([r[k] for r in records]) for k in ("distinct2", "repetition", "real_words")})
             total = sum(ntok)
             summary["perplexity"] = math.exp(sum(nll) / total) if total else math.nan
             bt = sum(base["ntok"])

@@ -23,7 +23,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
-from . import arch
+from . import arch, packing
 from .data import encode
 from .hooks import attach, capture, pad_sequences, pad_token_id
 from .progress import advance
@@ -38,6 +38,7 @@ __all__ = [
     "generate_ids",
     "is_chat",
     "length_batches",
+    "logprob_batches",
     "mean_kl",
     "next_token_logprobs",
     "planned_passes",
@@ -45,8 +46,9 @@ __all__ = [
     "upper_blocks",
 ]
 
-#: A scoring forward: ``(input_ids (b, s), attention_mask (b, s)) -> logits (b, s, vocab)``.
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: A scoring forward: ``(input_ids (b, s), attention_mask (b, s) or additive (b, 1, s, s), position_ids (b, s) or
+#: None) -> logits`` (``(b, s, vocab)``, or ``(1, N, vocab)`` under :func:`steering_opt.packing.head_gather`).
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 #: A prompt: plain text, or a chat conversation (a list of ``{"role", "content"}`` dicts).
 Prompt = str | Sequence[Mapping[str, str]]
@@ -166,28 +168,53 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], 
     return out
 
 
+def logprob_batches(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int,
+                    max_batch_tokens: int = 2048, share_prompts: bool = False) -> list[list[list[int]]]:
+    """How :func:`token_logprobs` batches ``pairs``: batches of rows of pair indices (a row: the completions
+    packed after one copy of their prompt, see :mod:`steering_opt.packing`; one completion per row without
+    ``share_prompts`` or where the model cannot take the packed mask). Pairs with empty completions are left out."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (p, c) in enumerate(pairs):
+        if c:
+            groups.setdefault(tuple(p) if share_prompts else (i,), []).append(i)
+    rows = [[g[j] for j in r] for g in groups.values()
+            for r in packing.split_row(len(pairs[g[0]][0]), [len(pairs[i][1]) for i in g], max_batch_tokens)]
+    lens = [len(pairs[r[0]][0]) + sum(len(pairs[i][1]) for i in r) for r in rows]
+    if share_prompts and any(len(r) > 1 for r in rows) and not packing.tree_mask_ok(model, max(lens)):
+        return logprob_batches(model, pairs, batch_size, max_batch_tokens, share_prompts=False)
+    order = sorted(range(len(rows)), key=lambda j: -lens[j])  # similar lengths together
+    return [[rows[order[j]] for j in b] for b in packing.batches(
+        [lens[j] for j in order], [lens[j] - len(pairs[rows[j][0]][0]) for j in order],
+        max_batch_tokens=max_batch_tokens, max_positions=packing.max_logits(model), max_rows=batch_size)]
+
+
 @torch.no_grad()
 def token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], *, batch_size: int,
-                   max_batch_tokens: int = 2048, forward: Forward | None = None) -> list[torch.Tensor]:
+                   max_batch_tokens: int = 2048, forward: Forward | None = None,
+                   share_prompts: bool = False) -> list[torch.Tensor]:
     """``log p(y_t | x, y_<t)`` (float32, nats) of every completion token, one tensor per
-    (prompt ids, completion ids) pair; right padding; log-softmax only at the completion positions.
-    ``forward``: how a batch is run (default: the whole model; see :class:`UpperBlocks`)."""
+    (prompt ids, completion ids) pair; right padding; the LM head and log-softmax only at the positions that
+    predict a completion token. ``forward``: how a batch is run (default: the whole model; see
+    :class:`UpperBlocks`). ``share_prompts``: the completions of one prompt run after one shared copy of it
+    (:mod:`steering_opt.packing`; exact, and the prompt runs once) — leave it off under hooks that select tokens
+    relative to the end of the sequence (``token_indices=-1``), which would see the packed row's end."""
     arch.check_context_length(model, max((len(p) + len(c) for p, c in pairs), default=0),
                               "a prompt + completion")
+    for i, (p, c) in enumerate(pairs):
+        if c and not p:
+            raise ValueError(f"pairs[{i}]: the prompt must have at least one token to score a completion after it")
     pad = pad_token_id(tokenizer, model)
     dev = arch.input_device(model)
+    dtype = next(model.parameters()).dtype
     out: list[torch.Tensor] = [torch.zeros(0) for _ in pairs]
-    lengths = [len(p) + len(c) for p, c in pairs]
-    for idx in length_batches(lengths, batch_size, max_batch_tokens):
-        ids, mask = pad_sequences([pairs[i][0] + pairs[i][1] for i in idx], pad)
-        logits = _run(model, forward, ids.to(dev), mask.to(dev))
-        for r, i in enumerate(idx):
-            p_len, c_len = len(pairs[i][0]), len(pairs[i][1])
-            if c_len == 0:
-                continue
-            lg = logits[r, p_len - 1: p_len - 1 + c_len].float()
-            tgt = torch.tensor(pairs[i][1], device=lg.device)
-            out[i] = torch.log_softmax(lg, -1).gather(-1, tgt[:, None])[:, 0].cpu()
+    for rows in logprob_batches(model, pairs, batch_size, max_batch_tokens, share_prompts):
+        pk = packing.pack([(pairs[r[0]][0], [pairs[i][1] for i in r]) for r in rows], dtype=dtype, pad_id=pad)
+        with packing.head_gather(model, pk.gather_b, pk.gather_t) as gathered:
+            logits = _run(model, forward, pk.input_ids.to(dev), pk.attention_mask.to(dev), pk.position_ids.to(dev))
+        lg = logits[0] if gathered else logits[pk.gather_b.to(logits.device), pk.gather_t.to(logits.device)]
+        lp = torch.log_softmax(lg.float(), -1).gather(-1, pk.targets.to(lg.device)[:, None])[:, 0].cpu()
+        for k, i in enumerate(i for r in rows for i in r):
+            out[i] = lp[pk.owner == k]
         advance(1, "pass")
     return out
 
@@ -212,10 +239,11 @@ def next_token_logprobs(model: nn.Module, tokenizer: Any, prompt_ids: list[list[
     return out
 
 
-def _run(model: nn.Module, forward: Forward | None, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _run(model: nn.Module, forward: Forward | None, ids: torch.Tensor, mask: torch.Tensor,
+         pos: torch.Tensor | None = None) -> torch.Tensor:
     if forward is not None:
-        return forward(ids, mask)
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return forward(ids, mask, pos)
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
 
 class UpperBlocks:
@@ -242,7 +270,7 @@ class UpperBlocks:
         self.view = arch.truncated_view(model, start)
         blocks = arch.get_blocks(model)
         self.block, self.below = blocks[start], blocks[start - 1]
-        self.store: dict[tuple[tuple[int, ...], ...], torch.Tensor] = {}
+        self.store: dict[tuple, torch.Tensor] = {}
         self._slot: list[torch.Tensor] = []
 
     @contextlib.contextmanager
@@ -257,19 +285,20 @@ class UpperBlocks:
         with attach([(self.block, feed, "pre")]):
             yield
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The logits ``(b, s, vocab)`` of one padded batch (call inside :meth:`feeding`)."""
-        key = (tuple(ids.flatten().tolist()), tuple(ids.shape), tuple(mask.flatten().tolist()))
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of one padded batch (a :data:`Forward`; call inside :meth:`feeding`)."""
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype, t.detach().cpu().contiguous().view(torch.uint8)
+                                                .numpy().tobytes()) for t in (ids, mask, pos))
         h = self.store.get(key)
         if h is None:
-            got = capture(lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False),
+            got = capture(lambda: self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False),
                           {0: (self.below, "post")}, read=lambda _k, x: x.detach())
             if 0 not in got:
                 raise RuntimeError(f"block {self.start - 1} did not run")
             h = self.store[key] = got[0]
         self._slot.append(h)
         try:
-            return self.view(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return self.view(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         finally:
             self._slot.clear()
 

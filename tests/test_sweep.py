@@ -222,7 +222,7 @@ def test_auto_steer_returns_scaled_vector_and_table(tiny_llama, tokenizer) -> No
     before = _state(tiny_llama)
     vec, report = auto_steer(tiny_llama, tokenizer, [DP], validation_prompts=VAL, layers=[1, 2],
                              multipliers=[0.5, 1.0], norm_fractions=[None, 0.5], neutral_prompts=NEUTRAL,
-                             optimize_kwargs=FAST, strength_finalists=2)
+                             optimize_kwargs=FAST, strength_finalists=2, kl_budget=None)
     assert _state(tiny_llama) == before
     assert isinstance(vec, SteeringVector) and vec.metadata["method"] == "auto_steer"
     # every (layer, cap) at strength 1, the two best of those (strength_finalists=2) also at 0.5
@@ -281,6 +281,22 @@ def test_auto_steer_does_not_measure_strengths_above_one_over_the_budget(tiny_ll
     assert sorted(others) == [0.5, 1.5] and any("x2 not measured" in n for n in rep.notes)
     assert {layer for layer, m in measured if m != 1.0} == {top}  # strength_finalists=1: one layer
     assert len(measured) == len(rep.table)
+
+
+def test_auto_steer_ranking_by_margin_within_the_budget_skips_weaker_strengths(tiny_llama, tokenizer) -> None:
+    """kl_weight=0, no scorer: x0.5 cannot beat a positive-margin x1 within the budget, so it is not measured;
+    with a KL penalty (or x1 over the budget) it is."""
+    kw = dict(validation_prompts=VAL, layers=[1, 2], multipliers=[0.5, 1.0, 2.0], neutral_prompts=NEUTRAL,
+              optimize_kwargs=FAST)
+    _, rep = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=1e6, **kw)
+    top = max((r for r in rep.table if r["multiplier"] == 1.0), key=lambda r: r["criterion"])
+    assert top["margin_gain"] > 0 and top["kl"] <= 1e6
+    assert sorted(r["multiplier"] for r in rep.table if r["layer"] == top["layer"]) == [1.0, 2.0]
+    assert any(f"layer {top['layer']}, additive: x0.5 not measured (x1 is within kl_budget;" in n for n in rep.notes)
+    _, penalised = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=1e6, kl_weight=0.5, **kw)
+    assert 0.5 in {r["multiplier"] for r in penalised.table} and not any("x0.5" in n for n in penalised.notes)
+    _, over = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=top["kl"] / 2, **kw)
+    assert 0.5 in {r["multiplier"] for r in over.table}
 
 
 def test_auto_steer_with_scorer_and_budget(tiny_llama, tokenizer) -> None:
