@@ -65,6 +65,7 @@ from .passes import (
     mean_kl,
     next_token_logprobs,
     planned_passes,
+    recording,
     token_logprobs,
     upper_blocks,
 )
@@ -547,10 +548,7 @@ class Evaluator:
         out: dict[str, list[Any]] = {"score": [], "success": [], "distinct2": [], "repetition": [],
                                      "real_words": [], "fluent": [], "fluent_success": []}
         for prompt, text in zip(self.prompts, texts):
-            score = None
-            if self.scorer is not None:
-                raw = self.scorer(text, _prompt_label(prompt))
-                score = float(raw)
+            score = None if self.scorer is None else float(self.scorer(text, _prompt_label(prompt)))
             d2 = distinct_n(text, 2)
             rw = real_word_fraction(text, self.fluency_lang) if self.fluency_lang else None
             fluent = d2 >= self.min_distinct2 and (rw is None or rw >= self.min_real_words)
@@ -566,14 +564,18 @@ class Evaluator:
         lps = token_logprobs(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
         return [-float(x.sum()) for x in lps], [int(x.numel()) for x in lps]
 
-    def baseline(self) -> dict[str, Any]:
-        """The unsteered measurements (computed on first use, then cached)."""
+    def baseline(self, layers: Sequence[int] = ()) -> dict[str, Any]:
+        """The unsteered measurements (computed on first use, then cached). ``layers``: steered layers to be
+        measured next: these passes also store the residual stream entering them (``reuse_lower_blocks``)."""
         if self._base is None:
             with frozen_model(self.model):
+                ups = [u for x in sorted(set(layers)) if self.reuse_lower_blocks and
+                       (u := upper_blocks(self.model, arch.resolve_layer(self.model, x), self._upper))]
+                fwd = recording(self.model, ups) if ups else None
                 base: dict[str, Any] = {}
-                base["promote"], base["suppress"], base["margin"] = self._margins(share=self.share_prompts)
+                base["promote"], base["suppress"], base["margin"] = self._margins(fwd, self.share_prompts)
                 if self.neutral_ids:
-                    base["neutral"] = next_token_logprobs(self.model, self.tokenizer, self.neutral_ids,
+                    base["neutral"] = next_token_logprobs(self.model, self.tokenizer, self.neutral_ids, forward=fwd,
                                                            positions=self.kl_positions, batch_size=self.batch_size)
                 if self.do_generate:
                     base["texts"], base["ids"] = self._texts()

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import arch, packing
 from .data import encode
-from .hooks import attach, capture, pad_sequences, pad_token_id
+from .hooks import HookSpec, attach, capture, pad_sequences, pad_token_id
 from .progress import advance
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "mean_kl",
     "next_token_logprobs",
     "planned_passes",
+    "recording",
     "token_logprobs",
     "upper_blocks",
 ]
@@ -285,10 +286,15 @@ class UpperBlocks:
         with attach([(self.block, feed, "pre")]):
             yield
 
+    @staticmethod
+    def key(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None) -> tuple:
+        """The store's key of one batch (its exact inputs)."""
+        return tuple(None if t is None else (tuple(t.shape), t.dtype, t.detach().cpu().contiguous().view(torch.uint8)
+                                             .numpy().tobytes()) for t in (ids, mask, pos))
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """The logits of one padded batch (a :data:`Forward`; call inside :meth:`feeding`)."""
-        key = tuple(None if t is None else (tuple(t.shape), t.dtype, t.detach().cpu().contiguous().view(torch.uint8)
-                                                .numpy().tobytes()) for t in (ids, mask, pos))
+        key = self.key(ids, mask, pos)
         h = self.store.get(key)
         if h is None:
             got = capture(lambda: self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False),
@@ -301,6 +307,25 @@ class UpperBlocks:
             return self.view(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         finally:
             self._slot.clear()
+
+
+def recording(model: nn.Module, uppers: Sequence[UpperBlocks]) -> Forward:
+    """A full-model :data:`Forward` that also stores, in each of ``uppers``, the hidden states entering its block
+    on that batch (what its own first pass would compute): one unsteered pass fills the stores of every layer."""
+    def forward(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        got: dict[int, torch.Tensor] = {}
+
+        def spec(u: UpperBlocks) -> HookSpec:
+            return u.below, lambda m, a, out: got.setdefault(u.start, arch.get_output_hidden_states(out).detach()), \
+                "post"
+
+        with attach([spec(u) for u in uppers]):
+            logits = _run(model, None, ids, mask, pos)
+        for u in uppers:
+            u.store[u.key(ids, mask, pos)] = got[u.start]
+        return logits
+
+    return forward
 
 
 def upper_blocks(model: nn.Module, start: int, cache: dict[int, UpperBlocks | None]) -> UpperBlocks | None:

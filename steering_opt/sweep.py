@@ -448,7 +448,7 @@ def sweep(
     mean_comp_tokens = sum(comp_tokens) / len(comp_tokens) if comp_tokens else 1.0
 
     start = time.perf_counter()
-    ev.baseline()
+    ev.baseline(layer_list)
     table: list[dict[str, Any]] = []
     vectors: dict[tuple[int, str], SteeringVector] = {}
     notes: list[str] = []
@@ -590,7 +590,7 @@ def auto_steer(
     n_stage2 = 6 if scorer_fn is not None else 0
     screen_budget = None if time_budget_s is None else time_budget_s * (0.6 if scorer_fn is not None else 1.0)
     with overall(len(configs) + n_final + n_stage2, "auto_steer", progress=progress, unit="config") as bar:
-        ev.baseline()
+        ev.baseline(layer_list)  # also stores the residual stream entering each candidate layer
         runs: dict[tuple[int, str], tuple[Any, float | None]] = {}
 
         # screening measures at one strength (1, or the middle one) when a finishing or strengths stage follows

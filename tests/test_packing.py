@@ -108,3 +108,28 @@ def test_evaluator_margins_do_not_depend_on_packing(tiny_model, tokenizer) -> No
     for a, b in zip(out[False], out[True]):
         for key in ("margin_gain", "promote_gain", "suppress_gain", "kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_baseline_stores_the_lower_blocks_of_the_layers_to_measure(tiny_model, tokenizer) -> None:
+    """``Evaluator.baseline(layers)`` stores the residual stream entering those layers during its own unsteered
+    passes: measuring a vector there then never runs the blocks below, with the same numbers."""
+    from steering_opt.arch import get_blocks
+
+    d = tiny_model.config.hidden_size
+    vec = SteeringVector({2: torch.randn(d, generator=torch.Generator().manual_seed(2)) * 4})
+    kw = dict(promote=[" mat", " blue sky"], suppress=[" dog"], neutral_prompts=["Once upon a time"], generate=False)
+    plain = Evaluator(tiny_model, tokenizer, ["The cat sat on", "Hello there"], **kw)
+    ref = plain.evaluate(vec, 1.5).summary
+    ev = Evaluator(tiny_model, tokenizer, ["The cat sat on", "Hello there"], **kw)
+    ev.baseline([1, 2])
+    if ev._upper.get(2) is None:
+        pytest.skip("this architecture cannot run a truncated model exactly")
+    runs = []
+    handle = get_blocks(tiny_model)[0].register_forward_pre_hook(lambda m, a: runs.append(1))
+    try:
+        got = ev.evaluate(vec, 1.5).summary
+    finally:
+        handle.remove()
+    assert not runs  # block 0 never ran: the stored states fed block 2
+    for key in ("margin_gain", "promote_gain", "suppress_gain", "kl"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
