@@ -460,7 +460,86 @@ FOOD = Task(
     notes="A fluent topic steer.",
 )
 
-TASKS: list[Task] = [SPANISH, SENTIMENT, WEDDINGS, REFUSAL, BULLETS, FOOD]
+#: Chat test prompts shared by the persona and chat-topic tasks (written for this benchmark; 24 requests).
+CHAT_TEST_PROMPTS = [
+    "What is the best way to learn a new language?", "Tell me about the Great Wall of China.",
+    "How do airplanes stay in the air?", "What is a good gift for a friend?", "Tell me about dinosaurs.",
+    "How do I take care of a houseplant?", "Describe a rainy day.", "What is the tallest mountain in the world?",
+    "How do I make a cup of tea?", "Tell me about the city of Tokyo.", "What do you think about summer?",
+    "How does the heart work?", "What is a good way to relax after work?", "Tell me about the Amazon rainforest.",
+    "How are rainbows made?", "What should I pack for a beach holiday?", "Tell me about chess.",
+    "How do I write a good essay?", "Describe a busy train station.", "What is the history of the bicycle?",
+    "How do I plant tomatoes?", "Tell me about the Moon landing.", "What makes a good friend?",
+    "How does a camera work?",
+]
+
+MOON_ANSWER = "The moon is Earth's only natural satellite. It formed about 4.5 billion years ago and"
+
+PIRATE = Task(
+    name="pirate_persona",
+    chat=True,
+    prompt="Tell me about the moon.",
+    src=MOON_ANSWER,
+    dst="Arr, matey! The moon be a fine sight for any sailor, aye, it guides me ship through the dark seas!",
+    test_prompts=CHAT_TEST_PROMPTS,
+    pairs=[(p, " " + a, " " + b) for p, a, b in [
+        ("Tell me about dogs.", "Arr, dogs be loyal mates on any ship, matey!", "Dogs are loyal companions."),
+        ("Describe London.", "Ahoy, London be a grand port full of ships, aye!", "London is a large capital city."),
+        ("Tell me about tea.", "Arr, tea be a fine brew for a thirsty sailor!", "Tea is a popular hot drink."),
+        ("What is a computer?", "Arr, a computer be a clever machine, me hearty!", "A computer processes data."),
+        ("Tell me about the sun.", "Ahoy, the sun be warmin' me deck every morn!", "The sun is a star."),
+        ("Describe winter.", "Arr, winter be cold on the open sea, matey!", "Winter is the coldest season."),
+        ("Tell me about trains.", "Arr, trains be land ships, aye, for landlubbers!", "Trains run on rails."),
+        ("What is football?", "Ahoy, football be a game for landlubbers, matey!", "Football is a team sport."),
+        ("Tell me about rivers.", "Arr, rivers lead a ship to the open sea, aye!", "Rivers flow to the sea."),
+        ("Describe a forest.", "Arr, a forest be full o' wood for a fine ship!", "A forest has many trees."),
+        ("Tell me about apples.", "Ahoy, apples keep scurvy off me crew, matey!", "Apples grow on trees."),
+        ("What is a library?", "Arr, a library be a treasure chest of books!", "A library lends books."),
+        ("Tell me about whales.", "Arr, whales be the giants of the seven seas!", "Whales are large mammals."),
+        ("Describe a city park.", "Ahoy, a park be a calm harbour on land, aye!", "A park has grass and trees."),
+        ("Tell me about bread.", "Arr, bread be what me crew eats every day!", "Bread is made from flour."),
+        ("What is the moon?", "Arr, the moon be guidin' sailors at night, matey!", "The moon orbits Earth."),
+    ]],
+    scorer=KeywordScorer(["arr", "matey", "ahoy", "aye", "me hearty", "landlubber", "shiver me timbers", "ye"]),
+    lang="en",
+    instruction="You are a pirate. Always talk like a pirate.",
+    ceiling_prefix="Arr, matey! ",
+    notes="A persona shift. Success: a pirate word (arr, matey, ahoy, aye, ye, ...).",
+)
+
+CATS = Task(
+    name="chat_topic_cats",
+    chat=True,
+    prompt="Tell me about the moon.",
+    src=MOON_ANSWER,
+    dst="That reminds me of my cat! She loves to sit by the window at night and stare at the moon.",
+    test_prompts=CHAT_TEST_PROMPTS,
+    pairs=[(p, " " + a, " " + b) for p, a, b in [
+        ("Tell me about dogs.", "My cat does not like dogs at all.", "Dogs are loyal companions."),
+        ("Describe London.", "London has many cat cafes where you can pet kittens.", "London is a large city."),
+        ("Tell me about tea.", "My cat sleeps next to my cup of tea.", "Tea is a popular hot drink."),
+        ("What is a computer?", "My cat loves to sit on my computer keyboard.", "A computer processes data."),
+        ("Tell me about the sun.", "Cats love to nap in the warm sun.", "The sun is a star."),
+        ("Describe winter.", "In winter my cat curls up by the fire and purrs.", "Winter is the coldest season."),
+        ("Tell me about trains.", "A cat once rode a train across the country.", "Trains run on rails."),
+        ("What is football?", "My cat chases a little football around the house.", "Football is a team sport."),
+        ("Tell me about rivers.", "Most cats do not like to swim in rivers.", "Rivers flow to the sea."),
+        ("Describe a forest.", "Wild cats hunt quietly in the forest.", "A forest has many trees."),
+        ("Tell me about apples.", "My kitten plays with apples on the floor.", "Apples grow on trees."),
+        ("What is a library?", "Some libraries keep a cat to chase the mice.", "A library lends books."),
+        ("Tell me about whales.", "My cat would love a whale-sized bowl of fish.", "Whales are large mammals."),
+        ("Describe a city park.", "Stray cats sleep under the benches in the park.", "A park has grass and trees."),
+        ("Tell me about bread.", "My cat likes to sleep on warm bread dough.", "Bread is made from flour."),
+        ("What is the moon?", "My cat stares at the moon every night.", "The moon orbits Earth."),
+    ]],
+    scorer=KeywordScorer(["cat", "cats", "kitten", "kittens", "feline", "meow", "purr", "purrs", "kitty"]),
+    lang="en",
+    instruction="You love cats. Mention cats in every answer.",
+    ceiling_prefix="That reminds me of my cat! ",
+    notes="A topic steer in chat. Success: a cat word (cat, kitten, purr, ...).",
+)
+
+TASKS: list[Task] = [SPANISH, SENTIMENT, WEDDINGS, REFUSAL, BULLETS, FOOD, PIRATE, CATS]
 
 #: Neutral prompts for the KL term and strength calibration (``opt+kl`` / ``calibrated`` rows). Distinct from
 #: the evaluation's neutral prompts (``steering_opt.evaluate.DEFAULT_NEUTRAL_PROMPTS``, which the KL column

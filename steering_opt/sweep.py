@@ -96,8 +96,8 @@ AUTO_STEER_OPTIMIZE_KWARGS: dict[str, Any] = {"optimizer": "lbfgs", "lr": 0.3, "
 DEFAULT_KL_WEIGHT = 1.0
 
 #: auto_steer's signal: the margin gain among configurations whose neutral-prompt KL is at most this (nats), no
-#: penalty within it; chosen by leave-one-task-out over 14 signals (``benchmarks/bench_signal.py``).
-DEFAULT_KL_BUDGET = 2.5
+#: penalty within it; chosen on validation prompts among 14 signals (``benchmarks/bench_signal.py``, 8 tasks).
+DEFAULT_KL_BUDGET = 3.0
 
 #: Optimiser steps of auto_steer's screening stage (every candidate layer and norm cap gets this many).
 DEFAULT_SCREEN_STEPS = 8
@@ -541,7 +541,7 @@ def auto_steer(
             strength larger than one already over ``kl_budget`` is not measured (the KL grows with it), nor, ranking
             by the margin within the budget alone (``kl_weight=0``, no ``scorer``), one weaker than x1 when x1 is
             within the budget with a positive margin gain (the margin grows with the strength: at x0.5 it was a
-            quarter to two thirds of x1's in all 24 layer grids of the quality benchmark's six tasks).
+            quarter to two thirds of x1's in all 32 layer grids of the quality benchmark's eight tasks).
         seed: the optimiser's seed.
         progress: one bar over the configurations (screened, finished, judged), with an ETA: ``None`` (default)
             when a person is watching (see :mod:`steering_opt.progress`), ``True`` / ``False``.

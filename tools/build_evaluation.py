@@ -80,7 +80,7 @@ strength.plot_strength("success_rate")"""),
 It optimises a vector at each candidate layer (default: 15/25/35/45% of the depth; two here to keep the
 notebook short) with 8 L-BFGS iterations, measures each at strength 1 on the generic validation prompts by the
 promoted completions' log-prob gain over the suppressed ones (nats per token), and the best one also at the
-other strengths; configurations whose KL on neutral prompts exceeds `kl_budget` (2.5 nats) rank last. It
+other strengths; configurations whose KL on neutral prompts exceeds `kl_budget` (3 nats) rank last. It
 returns the best vector already scaled, with the table it chose from. Pass `scorer=` to judge the best
 candidates by generation instead, and `time_budget_s=` to bound the time."""),
     ("code", """auto_vector, report = steering_opt.auto_steer(model, tokenizer, [datapoint], layers=[4, 8],
@@ -92,8 +92,9 @@ report.plot_heatmap()"""),
                               max_new_tokens=24, neutral_prompts=None)
 print(check)
 print(check.show(3, width=90))"""),
-    ("md", """The quality benchmark (`benchmarks/bench_quality.py`, results in `benchmarks/RESULTS.md`) runs this on four
-tasks with 24 held-out prompts each and compares optimised vectors, CAA, prompting and `auto_steer`."""),
+    ("md", """The quality benchmark (`benchmarks/bench_quality.py`, results in `benchmarks/RESULTS.md`) runs this on eight
+tasks with 24 held-out prompts each and compares optimised vectors, CAA, prompting, the behaviour induced directly
+(the ceiling) and `auto_steer`."""),
 ]
 
 
