@@ -12,12 +12,12 @@ layers × strengths, its optimiser, :data:`steering_opt.sweep.AUTO_STEER_OPTIMIZ
 ``steering_opt.sweep`` on auto_steer's built-in generic **validation** prompts (never the test prompts): the
 promoted-over-suppressed log-prob gain per token, the KL on the built-in neutral prompts, and fluent success by
 generating (the task's scorer and the fluency checks). Candidate signals, each picking one row per task: the
-penalty ``margin − λ·KL`` (auto_steer's, λ = 1 by default) for several λ, and the budget ``margin`` among the rows
-with ``KL ≤ B`` for several B. Leave-one-task-out: for each task, the signal whose picks have the highest mean
-validation fluent success on the *other* tasks (ties: the earlier in the list, which starts with auto_steer's
-default); the row it picks on the left-out task is reported with that task's validation fluent success and the
-best any row reached there (the oracle). ``--test N`` judges the left-out choices, and the default signal's
-choices, on the first N test prompts.
+penalty ``margin − λ·KL`` for several λ (λ = 1 was auto_steer's first signal), and the budget ``margin`` among the
+rows with ``KL ≤ B`` for several B (auto_steer's now: B = 3 nats). Leave-one-task-out: for each task, the signal
+whose picks have the highest mean validation fluent success on the *other* tasks (ties: the earlier in the list,
+which starts with the λ = 1 penalty); the row it picks on the left-out task is reported with that task's validation
+fluent success and the best any row reached there (the oracle). ``--test N`` judges the left-out choices, and the
+λ = 1 penalty's choices, on the first N test prompts.
 
 Prints one JSON object per line (``{"kind": ...}``) and a final summary; ``--out`` also writes everything.
 """
@@ -44,7 +44,7 @@ from steering_opt.fsutil import atomic_write_file  # noqa: E402
 from steering_opt.passes import format_prompt  # noqa: E402
 from steering_opt.sweep import AUTO_STEER_OPTIMIZE_KWARGS, GENERIC_CHAT_PROMPTS, GENERIC_PROMPTS  # noqa: E402
 
-#: name -> (row -> score); the first is auto_steer's default (ties go to the earlier signal).
+#: name -> (row -> score); the first is the reference ``--test`` compares with (ties go to the earlier signal).
 SIGNALS: dict[str, Any] = {
     **{f"penalty {w:g}": (lambda r, w=w: r["margin_gain_per_token"] - w * r["kl"])
        for w in (1.0, 0.0, 0.25, 0.5, 0.75, 1.5, 2.0, 4.0)},
