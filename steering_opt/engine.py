@@ -386,8 +386,8 @@ class FastEngine(Engine):
                 replace = chunk.cache if (use_cache and layer == self.low) else None
                 specs.append((self.modules[layer], self._hook_for(layer, spec, chunk.mask, replace), "pre"))
             with torch.set_grad_enabled(grad), attach(specs), \
-                    packing.head_gather(self.model, chunk.gather_b, chunk.gather_t):
-                logits = self._forward(chunk, upper).logits[0]
+                    packing.head_gather(self.model, chunk.gather_b, chunk.gather_t) as select:
+                logits = select(self._forward(chunk, upper).logits)
                 logp = self.objective.token_scores(logits, chunk.targets, chunk.rows)
                 idx_t = torch.tensor(chunk.seq_idx)
                 return self.objective.completion_losses(logp, chunk.owner, self.kinds[idx_t], self.lengths[idx_t])

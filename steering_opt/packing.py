@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -152,17 +152,25 @@ def pack(rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *, dtype
 
 
 @contextlib.contextmanager
-def head_gather(model: nn.Module, b: torch.Tensor, t: torch.Tensor) -> Iterator[bool]:
-    """While active, ``model``'s LM head sees only the hidden states at ``(b[i], t[i])``: the logits are
-    ``(1, N, vocab)``. Yields False (and gathers nothing) when the model has no output embeddings."""
+def head_gather(model: nn.Module, b: torch.Tensor, t: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """While active, ``model``'s LM head sees only the hidden states at ``(b[i], t[i])``, so the logits it returns
+    are ``(1, N, vocab)``. Yields ``select(logits) -> (N, vocab)``: those positions' logits from the model's output,
+    also when the head never ran as a module (a model that applies its output embeddings some other way returns
+    full ``(batch, seq, vocab)`` logits, which ``select`` indexes)."""
+    fired: list[bool] = []
+
+    def select(logits: torch.Tensor) -> torch.Tensor:
+        return logits[0] if fired else logits[b.to(logits.device), t.to(logits.device)]
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
     if not isinstance(head, nn.Module):
-        yield False
+        yield select
         return
 
     def gather(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         h = arch.get_hidden_states(args, kwargs)
+        fired.append(True)
         return arch.replace_hidden_states(args, kwargs, h[b.to(h.device), t.to(h.device)][None])
 
     with attach([(head, gather, "pre")]):
-        yield True
+        yield select

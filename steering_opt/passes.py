@@ -210,9 +210,8 @@ def token_logprobs(model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int]
     out: list[torch.Tensor] = [torch.zeros(0) for _ in pairs]
     for rows in logprob_batches(model, pairs, batch_size, max_batch_tokens, share_prompts):
         pk = packing.pack([(pairs[r[0]][0], [pairs[i][1] for i in r]) for r in rows], dtype=dtype, pad_id=pad)
-        with packing.head_gather(model, pk.gather_b, pk.gather_t) as gathered:
-            logits = _run(model, forward, pk.input_ids.to(dev), pk.attention_mask.to(dev), pk.position_ids.to(dev))
-        lg = logits[0] if gathered else logits[pk.gather_b.to(logits.device), pk.gather_t.to(logits.device)]
+        with packing.head_gather(model, pk.gather_b, pk.gather_t) as select:
+            lg = select(_run(model, forward, pk.input_ids.to(dev), pk.attention_mask.to(dev), pk.position_ids.to(dev)))
         lp = torch.log_softmax(lg.float(), -1).gather(-1, pk.targets.to(lg.device)[:, None])[:, 0].cpu()
         for k, i in enumerate(i for r in rows for i in r):
             out[i] = lp[pk.owner == k]

@@ -133,3 +133,16 @@ def test_baseline_stores_the_lower_blocks_of_the_layers_to_measure(tiny_model, t
     assert not runs  # block 0 never ran: the stored states fed block 2
     for key in ("margin_gain", "promote_gain", "suppress_gain", "kl"):
         assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+
+
+def test_logprobs_when_the_head_is_not_called_as_a_module(tiny_llama, tokenizer, monkeypatch) -> None:
+    """A model whose output embeddings never run as a module (the gather hook does not fire) returns full logits:
+    token_logprobs indexes them instead, with the same numbers."""
+    tiny_llama.eval()
+    pairs = _pairs(tokenizer)
+    ref = token_logprobs(tiny_llama, tokenizer, pairs, batch_size=8, share_prompts=True)
+    unused = torch.nn.Linear(tiny_llama.config.hidden_size, 3)
+    monkeypatch.setattr(tiny_llama, "get_output_embeddings", lambda: unused)
+    got = token_logprobs(tiny_llama, tokenizer, pairs, batch_size=8, share_prompts=True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
