@@ -121,8 +121,9 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: in
 
 
 def planned_passes(lengths: Sequence[int], batch_size: int, *, generate: int = 0) -> int:
-    """The forward passes that :func:`token_logprobs` / :func:`next_token_logprobs` (``generate=0``) or
-    :func:`generate_ids` (``generate=max_new_tokens``) report for sequences of these ``lengths``."""
+    """The forward passes that :func:`next_token_logprobs` (``generate=0``) or :func:`generate_ids`
+    (``generate=max_new_tokens``) report for sequences of these ``lengths`` (:func:`token_logprobs`: one per batch
+    of :func:`logprob_batches`)."""
     if generate:
         return len(length_batches(lengths, batch_size)) * generate
     return len(length_batches(lengths, batch_size, 2048))
