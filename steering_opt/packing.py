@@ -35,7 +35,8 @@ LOGIT_ELEMENTS = 2**27
 
 def tree_mask_ok(model: nn.Module, longest: int) -> bool:
     """Whether ``model`` takes the packed rows' 4D mask exactly: eager/SDPA attention, and no sliding window
-    shorter than ``longest`` tokens."""
+    shorter than ``longest`` tokens (the longest single prompt + completion: each completion attends only within
+    its own sequence, so a window at least that long never cuts anything)."""
     cfg = getattr(model, "config", None)
     if getattr(cfg, "_attn_implementation", None) not in ("eager", "sdpa"):
         return False

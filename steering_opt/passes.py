@@ -182,7 +182,8 @@ def logprob_batches(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Seque
     rows = [[g[j] for j in r] for g in groups.values()
             for r in packing.split_row(len(pairs[g[0]][0]), [len(pairs[i][1]) for i in g], max_batch_tokens)]
     lens = [len(pairs[r[0]][0]) + sum(len(pairs[i][1]) for i in r) for r in rows]
-    if share_prompts and any(len(r) > 1 for r in rows) and not packing.tree_mask_ok(model, max(lens)):
+    longest = max((len(pairs[i][0]) + len(pairs[i][1]) for r in rows for i in r), default=0)  # one sequence
+    if share_prompts and any(len(r) > 1 for r in rows) and not packing.tree_mask_ok(model, longest):
         return logprob_batches(model, pairs, batch_size, max_batch_tokens, share_prompts=False)
     order = sorted(range(len(rows)), key=lambda j: -lens[j])  # similar lengths together
     return [[rows[order[j]] for j in b] for b in packing.batches(
