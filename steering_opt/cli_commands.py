@@ -400,6 +400,8 @@ AUTO_STEER_FLAGS: dict[str, dict[str, Any]] = {
     "--kl-weight": dict(dest="kl_weight", type=NONNEG_FLOAT, help="weight of the neutral-prompt KL"),
     "--kl-budget": dict(dest="kl_budget", type=or_none(POS_FLOAT), metavar="NATS",
                         help="KL ceiling: configurations above it rank last (none: no ceiling)"),
+    "--calibrate-kl": dict(dest="calibrate_kl", type=or_none(POS_FLOAT), metavar="NATS",
+                           help="lower the chosen strength until the KL is this (none: keep it; not with --scorer)"),
     "--time-budget": dict(dest="time_budget_s", type=POS_FLOAT, metavar="SECONDS", help="soft wall-time budget"),
     "--seed": dict(dest="seed", type=SEED, help="optimiser seed"),
 }

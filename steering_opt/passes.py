@@ -39,6 +39,7 @@ __all__ = [
     "is_chat",
     "length_batches",
     "logprob_batches",
+    "looks_like_chat",
     "mean_kl",
     "next_token_logprobs",
     "planned_passes",
@@ -80,6 +81,28 @@ def format_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> str:
         raise ValueError("chat prompts need a tokenizer with a chat template (tokenizer.chat_template is None); "
                          "pass plain strings with chat=False")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _chat_affixes(tokenizer: Any) -> tuple[str, str] | None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    sentinel = "\u2063SENTINEL\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - any template failure means "not chat"
+        return None
+    if sentinel not in text:
+        return None
+    pre, post = text.split(sentinel, 1)
+    return pre, post
+
+
+def looks_like_chat(tokenizer: Any, prompt: str) -> bool:
+    """Whether ``prompt`` is chat-template text ending with the generation prompt (as made by
+    ``apply_chat_template(..., add_generation_prompt=True)``)."""
+    aff = _chat_affixes(tokenizer)
+    return bool(aff and aff[1].strip() and prompt.endswith(aff[1]))
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool) -> list[list[int]]:

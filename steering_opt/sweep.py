@@ -44,9 +44,10 @@ from .contrastive import contrastive_vector
 from .data import TrainingDatapoint, encode
 from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, check_prompts
 from .hooks import capture_inputs, frozen_model
+from .kl import calibrate_strength
 from .optimize import optimize
 from .options import OptimizeOptions
-from .passes import Prompt, format_prompt
+from .passes import Prompt, format_prompt, looks_like_chat
 from .plots import plot_success_vs_strength, plot_sweep_heatmap
 from .progress import check_progress, overall
 from .scorers import get_scorer
@@ -54,6 +55,7 @@ from .vector import SteeringVector
 
 __all__ = [
     "AUTO_STEER_OPTIMIZE_KWARGS",
+    "DEFAULT_CALIBRATE_KL",
     "DEFAULT_KL_BUDGET",
     "DEFAULT_KL_WEIGHT",
     "DEFAULT_OPTIMIZE_KWARGS",
@@ -99,6 +101,10 @@ DEFAULT_KL_WEIGHT = 1.0
 #: penalty within it; chosen on validation prompts among 14 signals (``benchmarks/bench_signal.py``, 8 tasks).
 DEFAULT_KL_BUDGET = 3.0
 
+#: auto_steer's last step without a scorer: the chosen strength is lowered to where the neutral-prompt KL is this
+#: (nats); chosen on validation prompts against the uncalibrated choice (``benchmarks/bench_auto_candidates.py``).
+DEFAULT_CALIBRATE_KL = 2.0
+
 #: Optimiser steps of auto_steer's screening stage (every candidate layer and norm cap gets this many).
 DEFAULT_SCREEN_STEPS = 8
 
@@ -116,28 +122,6 @@ def split_train_validation(items: Sequence[Any], val_fraction: float = 0.5, *, s
     random.Random(validate.seed("seed", seed, allow_none=False)).shuffle(order)
     n_val = min(max(round(val_fraction * len(items)), 1), len(items) - 1)
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
-
-
-def _chat_affixes(tokenizer: Any) -> tuple[str, str] | None:
-    if getattr(tokenizer, "chat_template", None) is None:
-        return None
-    sentinel = "\u2063SENTINEL\u2063"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
-                                             add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - any template failure means "not chat"
-        return None
-    if sentinel not in text:
-        return None
-    pre, post = text.split(sentinel, 1)
-    return pre, post
-
-
-def looks_like_chat(tokenizer: Any, prompt: str) -> bool:
-    """Whether ``prompt`` is chat-template text ending with the generation prompt (as made by
-    ``apply_chat_template(..., add_generation_prompt=True)``)."""
-    aff = _chat_affixes(tokenizer)
-    return bool(aff and aff[1].strip() and prompt.endswith(aff[1]))
 
 
 @torch.no_grad()
@@ -183,14 +167,6 @@ def _check_numbers(name: str, values: Any, *, allow_none: bool = False, positive
             raise ValueError(f"`{name}` must contain finite{' positive' if positive else ''} numbers"
                              f"{' or None' if allow_none else ''}, got {v!r}")
     return out
-
-
-def _unique(xs: Sequence[str]) -> list[str]:
-    seen: list[str] = []
-    for x in xs:
-        if x not in seen:
-            seen.append(x)
-    return seen
 
 
 # ----------------------------------------------------------------------------------------- result
@@ -424,9 +400,9 @@ def sweep(
         if chat == "auto":
             chat = all(looks_like_chat(tokenizer, dp.prompt) for dp in train_items)
         if promote is None:
-            promote = _unique([c for dp in train_items for c in dp.dst_completions])
+            promote = list(dict.fromkeys(c for dp in train_items for c in dp.dst_completions))
         if suppress is None:
-            suppress = _unique([c for dp in train_items for c in dp.src_completions])
+            suppress = list(dict.fromkeys(c for dp in train_items for c in dp.src_completions))
     elif chat == "auto":
         chat = False
     val_chat = bool(chat)
@@ -503,7 +479,7 @@ def auto_steer(
     validation_prompts: Sequence[Prompt] | None = None, scorer: Any = None, time_budget_s: float | None = None,
     layers: Sequence[int] | None = None, multipliers: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
     norm_fractions: Sequence[float | None] = (None,), kl_weight: float = 0.0,
-    kl_budget: float | None = DEFAULT_KL_BUDGET,
+    kl_budget: float | None = DEFAULT_KL_BUDGET, calibrate_kl: float | None = DEFAULT_CALIBRATE_KL,
     neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS, optimize_kwargs: dict[str, Any] | None = None,
     screen_steps: int = DEFAULT_SCREEN_STEPS, finalists: int | None = None, strength_finalists: int | None = 1,
     seed: int = 0, progress: bool | None = None,
@@ -517,7 +493,9 @@ def auto_steer(
     ``optimize_kwargs['max_iters']``, 8 L-BFGS iterations) and is measured at strength 1; (2) with more steps than
     that, the ``finalists`` best by the signal continue to the full step count and are measured at every
     multiplier, else the ``strength_finalists`` best are measured at the other multipliers; (3) with a ``scorer``,
-    the 6 best rows by the signal are judged by generating (fluent success rate; ties: the signal).
+    the 6 best rows by the signal are judged by generating (fluent success rate; ties: the signal); (4) without a
+    scorer, a choice whose KL is over ``calibrate_kl`` is measured again at the strength where the KL is
+    ``calibrate_kl`` (:func:`~steering_opt.kl.calibrate_strength`), and that row is the choice.
 
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.
@@ -532,6 +510,9 @@ def auto_steer(
         kl_weight, kl_budget, neutral_prompts: the KL penalty (default 0) and ceiling (nats, default
             :data:`DEFAULT_KL_BUDGET`; None: none), and the prompts it is measured on. Earlier versions ranked by
             ``kl_weight=1.0, kl_budget=None``.
+        calibrate_kl: the KL (nats) the chosen strength is lowered to when its KL is larger (default
+            :data:`DEFAULT_CALIBRATE_KL`; None: keep the chosen strength). Needs ``neutral_prompts``; not used with a
+            ``scorer`` (the judged strength is kept).
         optimize_kwargs: :func:`~steering_opt.optimize.optimize` options over :data:`AUTO_STEER_OPTIMIZE_KWARGS`
             (8 L-BFGS iterations; the recipe as before: ``{"optimizer": "adam", "lr": 0.1, "max_iters": 30}``).
         screen_steps, finalists: screening steps; configurations finished (None: all). With at most
@@ -572,12 +553,14 @@ def auto_steer(
     chat = all(looks_like_chat(tokenizer, dp.prompt) for dp in datapoints)
     val: list[Prompt] = check_prompts(validation_prompts, "validation_prompts") \
         if validation_prompts is not None else list(GENERIC_CHAT_PROMPTS if chat else GENERIC_PROMPTS)
-    ev = Evaluator(model, tokenizer, val, promote=_unique([c for dp in datapoints for c in dp.dst_completions]) or None,
-                   suppress=_unique([c for dp in datapoints for c in dp.src_completions]) or None,
+    promote = list(dict.fromkeys(c for dp in datapoints for c in dp.dst_completions))
+    suppress = list(dict.fromkeys(c for dp in datapoints for c in dp.src_completions))
+    ev = Evaluator(model, tokenizer, val, promote=promote or None, suppress=suppress or None,
                    neutral_prompts=neutral_prompts, chat=chat, generate=False)
     comp_tokens = [len(x) for x in ev.promote_ids + ev.suppress_ids]
     per_token = sum(comp_tokens) / len(comp_tokens)
     validate.positive("kl_budget", kl_budget)
+    validate.positive("calibrate_kl", calibrate_kl)
     crit_fn = _criterion_fn("margin", float(kl_weight), kl_budget)
     norms_at: dict[int, float] = {}
     if any(f is not None for f in fracs):
@@ -649,6 +632,20 @@ def auto_steer(
         if scorer_fn is not None:
             criterion, best = "fluent_success", _judge(model, tokenizer, val, chat, scorer_fn, table, vectors, bar,
                                                        start, time_budget_s, notes)
+        elif calibrate_kl is not None and neutral_prompts is not None and best["multiplier"] > 0 \
+                and (best["kl"] or 0) > calibrate_kl:
+            bar.set_postfix(f"calibrating: layer {best['layer']}, {best['variant']}")
+            key, was = (best["layer"], best["variant"]), f"x{best['multiplier']:g} (KL {best['kl']:.2f})"
+            try:
+                m = calibrate_strength(model, tokenizer, vectors[key], calibrate_kl, neutral_prompts, chat=chat)
+            except ValueError as e:  # e.g. the KL is not monotonic in the strength: keep the choice
+                notes.append(f"calibrate_kl: the strength of {was} is kept ({e})")
+            else:
+                extra = {k: best[k] for k in ("norm_fraction", "train_loss", "build_s", "steps")}
+                table.extend(_measure(ev, vectors[key], key[0], key[1], [m], {**extra, "stage": "calibrate"},
+                                      per_token, crit_fn))
+                best = table[-1]
+                notes.append(f"calibrate_kl: {was} lowered to x{m:.3g} (KL {best['kl']:.2f})")
     report = SweepResult(table=table, best=best, criterion=criterion, vectors=vectors, validation_prompts=val,
                          chat=chat, notes=notes, time_s=time.perf_counter() - start)
     steering = report.best_steering()

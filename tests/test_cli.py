@@ -295,6 +295,14 @@ def test_auto_steer_saves_the_library_choice(capsys, model_dir: Path, data_dir: 
     torch.testing.assert_close(vec.layer_activations[layer], ref_vec.layer_activations[layer])
     assert vec.metadata["model"]["name_or_path"] == str(model_dir) and vec.metadata["datapoints"]["count"] == 2
     assert f"Chosen by margin (higher is better): layer {layer}" in out and "| layer | variant |" in out
+    # --calibrate-kl reaches auto_steer(calibrate_kl=...): the choice measured again at the lower strength
+    target = doc["best"]["kl"] / 2
+    out = run_ok(capsys, "auto-steer", "--model", model_dir, "--datapoints", data_dir / "dps.jsonl", "--layers",
+                 "1", "2", "--strengths", "1", "2", "--max-iters", "2", "--calibrate-kl", str(target), "--out",
+                 tmp_path / "v2", "--output", tmp_path / "report2.json")
+    best = json.loads((tmp_path / "report2.json").read_text())["best"]
+    assert best["stage"] == "calibrate" and best["kl"] == pytest.approx(target, rel=0.05)
+    assert (best["layer"], best["variant"]) == (layer, ref.best["variant"]) and "Note: calibrate_kl:" in out
 
 
 # ------------------------------------------------------------------------------------ first five minutes

@@ -299,6 +299,31 @@ def test_auto_steer_ranking_by_margin_within_the_budget_skips_weaker_strengths(t
     assert 0.5 in {r["multiplier"] for r in over.table}
 
 
+def test_auto_steer_calibrates_the_chosen_strength_down_to_calibrate_kl(tiny_llama, tokenizer) -> None:
+    kw = dict(validation_prompts=VAL, layers=[1, 2], multipliers=[1.0], neutral_prompts=NEUTRAL,
+              optimize_kwargs=FAST, kl_budget=None)
+    before = _state(tiny_llama)
+    _, kept = auto_steer(tiny_llama, tokenizer, [DP], calibrate_kl=None, **kw)
+    chosen = kept.best
+    assert chosen["stage"] != "calibrate" and not any("calibrate_kl" in n for n in kept.notes)
+    target = chosen["kl"] / 3
+    vec, rep = auto_steer(tiny_llama, tokenizer, [DP], calibrate_kl=target, **kw)
+    assert _state(tiny_llama) == before
+    b = rep.best
+    assert b["stage"] == "calibrate" and b is rep.table[-1]
+    assert (b["layer"], b["variant"]) == (chosen["layer"], chosen["variant"]) and 0 < b["multiplier"] < 1
+    assert b["kl"] == pytest.approx(target, rel=0.05)  # the evaluator's KL, on the same neutral prompts
+    assert any(n.startswith("calibrate_kl: x1 (KL") and "lowered to" in n for n in rep.notes)
+    raw = rep.vectors[(b["layer"], b["variant"])]
+    assert torch.allclose(vec.layer_activations[b["layer"]], raw.layer_activations[b["layer"]] * b["multiplier"])
+    # a choice already within calibrate_kl is kept as it is
+    _, within = auto_steer(tiny_llama, tokenizer, [DP], calibrate_kl=chosen["kl"] * 2, **kw)
+    assert within.best["multiplier"] == 1.0 and within.best["stage"] != "calibrate"
+    for bad in (0, -1.0, float("nan"), "2"):
+        with pytest.raises((ValueError, TypeError), match="calibrate_kl"):
+            auto_steer(tiny_llama, tokenizer, [DP], calibrate_kl=bad, **kw)
+
+
 def test_auto_steer_with_scorer_and_budget(tiny_llama, tokenizer) -> None:
     def scorer(completion: str, prompt: str) -> float:
         return float("e" in completion)
