@@ -57,6 +57,7 @@ import steering_opt as so  # noqa: E402
 from steering_opt.compat.steering_vectors import train_steering_vector  # noqa: E402
 from steering_opt.contrastive import ContrastPair  # noqa: E402
 from steering_opt.evaluate import Evaluator, format_prompt, perplexity  # noqa: E402
+from steering_opt.passes import generate_ids  # noqa: E402
 from steering_opt.scorers import distinct_n, real_word_fraction  # noqa: E402
 from steering_opt.sweep import GENERIC_CHAT_PROMPTS, GENERIC_PROMPTS, residual_norms  # noqa: E402
 
@@ -129,7 +130,10 @@ def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Name
         cev = Evaluator(model, tok, texts, scorer=None, chat=False, max_new_tokens=args.max_new_tokens,
                         fluency_lang=task.lang, neutral_prompts=None)
         cres = cev.evaluate(None, label="ceiling")
-        pre_texts = [pre + r["steered"] if pre else r["steered"] for (_, pre), r in zip(inputs, cres.records)]
+        # the evaluation strips each generation; the forced words need it as generated (" was" after "The bride")
+        raw = [tok.decode(x, skip_special_tokens=True) for x in generate_ids(model, tok, cev.prompt_ids,
+                                                                             **cev.gen_kwargs)]
+        pre_texts = [(pre + g).strip() for (_, pre), g in zip(inputs, raw)]
         rescore(cres, pre_texts, task)
         ppl = perplexity(model, tok, test_prompts, pre_texts, chat=task.chat)
         toks = [max(r.get("n_tokens", 0), 0) for r in cres.records]
@@ -339,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             if prev is None:
                 doc["tasks"].append(result)
             else:
-                new_names = {r["method"] for r in result["methods"]}
-                prev["methods"] = [r for r in prev["methods"] if r["method"] not in new_names] + result["methods"]
+                new_rows = {r["method"]: r for r in result["methods"]}  # a re-run row keeps its place
+                prev["methods"] = [new_rows.pop(r["method"], r) for r in prev["methods"]] + list(new_rows.values())
                 prev["time_s"] += result["time_s"]
             Path(args.out).write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
     doc["time_s"] = doc.get("time_s", 0.0) * (old is not None) + time.perf_counter() - start

@@ -55,7 +55,6 @@ from .vector import SteeringVector
 
 __all__ = [
     "AUTO_STEER_OPTIMIZE_KWARGS",
-    "DEFAULT_CALIBRATE_KL",
     "DEFAULT_KL_BUDGET",
     "DEFAULT_KL_WEIGHT",
     "DEFAULT_OPTIMIZE_KWARGS",
@@ -100,10 +99,6 @@ DEFAULT_KL_WEIGHT = 1.0
 #: auto_steer's signal: the margin gain among configurations whose neutral-prompt KL is at most this (nats), no
 #: penalty within it; chosen on validation prompts among 14 signals (``benchmarks/bench_signal.py``, 8 tasks).
 DEFAULT_KL_BUDGET = 3.0
-
-#: auto_steer's last step without a scorer: the chosen strength is lowered to where the neutral-prompt KL is this
-#: (nats); chosen on validation prompts against the uncalibrated choice (``benchmarks/bench_auto_candidates.py``).
-DEFAULT_CALIBRATE_KL = 2.0
 
 #: Optimiser steps of auto_steer's screening stage (every candidate layer and norm cap gets this many).
 DEFAULT_SCREEN_STEPS = 8
@@ -479,7 +474,7 @@ def auto_steer(
     validation_prompts: Sequence[Prompt] | None = None, scorer: Any = None, time_budget_s: float | None = None,
     layers: Sequence[int] | None = None, multipliers: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
     norm_fractions: Sequence[float | None] = (None,), kl_weight: float = 0.0,
-    kl_budget: float | None = DEFAULT_KL_BUDGET, calibrate_kl: float | None = DEFAULT_CALIBRATE_KL,
+    kl_budget: float | None = DEFAULT_KL_BUDGET, calibrate_kl: float | None = None,
     neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS, optimize_kwargs: dict[str, Any] | None = None,
     screen_steps: int = DEFAULT_SCREEN_STEPS, finalists: int | None = None, strength_finalists: int | None = 1,
     seed: int = 0, progress: bool | None = None,
@@ -493,8 +488,8 @@ def auto_steer(
     ``optimize_kwargs['max_iters']``, 8 L-BFGS iterations) and is measured at strength 1; (2) with more steps than
     that, the ``finalists`` best by the signal continue to the full step count and are measured at every
     multiplier, else the ``strength_finalists`` best are measured at the other multipliers; (3) with a ``scorer``,
-    the 6 best rows by the signal are judged by generating (fluent success rate; ties: the signal); (4) without a
-    scorer, a choice whose KL is over ``calibrate_kl`` is measured again at the strength where the KL is
+    the 6 best rows by the signal are judged by generating (fluent success rate; ties: the signal); (4) with
+    ``calibrate_kl`` and no scorer, a choice whose KL is over it is measured again at the strength where the KL is
     ``calibrate_kl`` (:func:`~steering_opt.kl.calibrate_strength`), and that row is the choice.
 
     Args:
@@ -510,9 +505,10 @@ def auto_steer(
         kl_weight, kl_budget, neutral_prompts: the KL penalty (default 0) and ceiling (nats, default
             :data:`DEFAULT_KL_BUDGET`; None: none), and the prompts it is measured on. Earlier versions ranked by
             ``kl_weight=1.0, kl_budget=None``.
-        calibrate_kl: the KL (nats) the chosen strength is lowered to when its KL is larger (default
-            :data:`DEFAULT_CALIBRATE_KL`; None: keep the chosen strength). Needs ``neutral_prompts``; not used with a
-            ``scorer`` (the judged strength is kept).
+        calibrate_kl: the KL (nats) the chosen strength is lowered to when its KL is larger (None, the default:
+            keep the chosen strength; at 2 nats it did not improve held-out fluent success on the benchmark's tasks,
+            see ``docs/benchmarks.md``). Needs ``neutral_prompts``; not used with a ``scorer`` (the judged strength
+            is kept).
         optimize_kwargs: :func:`~steering_opt.optimize.optimize` options over :data:`AUTO_STEER_OPTIMIZE_KWARGS`
             (8 L-BFGS iterations; the recipe as before: ``{"optimizer": "adam", "lr": 0.1, "max_iters": 30}``).
         screen_steps, finalists: screening steps; configurations finished (None: all). With at most
