@@ -402,6 +402,9 @@ AUTO_STEER_FLAGS: dict[str, dict[str, Any]] = {
                         help="KL ceiling: configurations above it rank last (none: no ceiling)"),
     "--calibrate-kl": dict(dest="calibrate_kl", type=or_none(POS_FLOAT), metavar="NATS",
                            help="lower the chosen strength until the KL is this (none: keep it; not with --scorer)"),
+    "--repetition-check": dict(dest="repetition_check", type=int, metavar="N",
+                               help="validation prompts the choice generates on to check it does not repeat itself "
+                                    "(0: no check; not with --scorer)"),
     "--time-budget": dict(dest="time_budget_s", type=POS_FLOAT, metavar="SECONDS", help="soft wall-time budget"),
     "--seed": dict(dest="seed", type=SEED, help="optimiser seed"),
 }

@@ -57,10 +57,10 @@ from .passes import (
     Forward,
     Prompt,
     UpperBlocks,
+    check_prompts,
     encode_prompts,
     format_prompt,
     generate_ids,
-    is_chat,
     logprob_batches,
     mean_kl,
     next_token_logprobs,
@@ -113,21 +113,6 @@ def _prompt_label(prompt: Prompt) -> str:
         return prompt
     users = [m["content"] for m in prompt if m.get("role") == "user"]
     return users[-1] if users else str(prompt[-1]["content"])
-
-
-def check_prompts(prompts: Any, name: str = "prompts") -> list[Prompt]:
-    """Check a list of prompts (non-empty strings or chat message lists) and return it as a list."""
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"`{name}` must be a non-empty list of prompts (strings or chat message lists), "
-                         f"got {prompts!r}"[:300])
-    out = list(prompts)
-    for i, p in enumerate(out):
-        if isinstance(p, str):
-            if not p:
-                raise ValueError(f"`{name}[{i}]` is an empty string")
-        elif not is_chat(p):
-            raise TypeError(f"`{name}[{i}]` must be a str or a list of chat messages, got {type(p).__name__}")
-    return out
 
 
 def _check_completions(completions: Any, name: str) -> list[str]:

@@ -17,6 +17,7 @@ its forward passes (a generation batch: ``max_new_tokens`` of them) to an enclos
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeGuard
 
@@ -25,13 +26,14 @@ from torch import nn
 
 from . import arch, packing
 from .data import encode
-from .hooks import HookSpec, attach, capture, pad_sequences, pad_token_id
+from .hooks import HookSpec, attach, capture, capture_inputs, frozen_model, pad_sequences, pad_token_id
 from .progress import advance
 
 __all__ = [
     "Forward",
     "Prompt",
     "UpperBlocks",
+    "check_prompts",
     "encode_prompts",
     "eos_token_ids",
     "format_prompt",
@@ -44,6 +46,7 @@ __all__ = [
     "next_token_logprobs",
     "planned_passes",
     "recording",
+    "residual_norms",
     "token_logprobs",
     "upper_blocks",
 ]
@@ -60,6 +63,21 @@ def is_chat(prompt: object) -> TypeGuard[Sequence[Mapping[str, str]]]:
     """Whether ``prompt`` is a chat conversation: a non-empty sequence (not a string) of mappings."""
     return isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) > 0 and \
         all(isinstance(m, Mapping) for m in prompt)
+
+
+def check_prompts(prompts: Any, name: str = "prompts") -> list[Prompt]:
+    """Check a list of prompts (non-empty strings or chat message lists) and return it as a list."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"`{name}` must be a non-empty list of prompts (strings or chat message lists), "
+                         f"got {prompts!r}"[:300])
+    out = list(prompts)
+    for i, p in enumerate(out):
+        if isinstance(p, str):
+            if not p:
+                raise ValueError(f"`{name}[{i}]` is an empty string")
+        elif not is_chat(p):
+            raise TypeError(f"`{name}[{i}]` must be a str or a list of chat messages, got {type(p).__name__}")
+    return out
 
 
 def format_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> str:
@@ -103,6 +121,30 @@ def looks_like_chat(tokenizer: Any, prompt: str) -> bool:
     ``apply_chat_template(..., add_generation_prompt=True)``)."""
     aff = _chat_affixes(tokenizer)
     return bool(aff and aff[1].strip() and prompt.endswith(aff[1]))
+
+
+@torch.no_grad()
+def residual_norms(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], layers: Sequence[int], *,
+                   chat: bool = False) -> dict[int, float]:
+    """Median L2 norm of the residual stream entering each block in ``layers`` over every token of
+    ``prompts`` except position 0 (small models put a massive activation on the first token).
+
+    A natural unit for steering strengths: a vector whose norm is a fraction of this barely moves the
+    model, one several times larger overwrites the stream.
+    """
+    prompts = check_prompts(prompts)
+    resolved = [arch.resolve_layer(model, x, name="layers") for x in layers]
+    dev = arch.input_device(model)
+    layer_list = list(dict.fromkeys(resolved))
+    blocks = [arch.get_site_module(model, x) for x in layer_list]
+    acc: dict[int, list[torch.Tensor]] = {x: [] for x in layer_list}
+    with frozen_model(model):
+        for p in prompts:
+            ids = torch.tensor([encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True)], device=dev)
+            for x, h in zip(layer_list, capture_inputs(model, blocks, {"input_ids": ids, "use_cache": False})):
+                if h.shape[1] > 1:  # position 0 excluded
+                    acc[x].append(h[0, 1:].float().norm(dim=-1).cpu())
+    return {x: float(torch.cat(v).median()) if v else math.nan for x, v in acc.items()}
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool) -> list[list[int]]:

@@ -36,18 +36,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import arch, validate
 from .contrastive import contrastive_vector
-from .data import TrainingDatapoint, encode
-from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator, check_prompts
-from .hooks import capture_inputs, frozen_model
+from .data import TrainingDatapoint
+from .evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator
 from .kl import calibrate_strength
 from .optimize import optimize
 from .options import OptimizeOptions
-from .passes import Prompt, format_prompt, looks_like_chat
+from .passes import Prompt, check_prompts, looks_like_chat, residual_norms
 from .plots import plot_success_vs_strength, plot_sweep_heatmap
 from .progress import check_progress, overall
 from .scorers import get_scorer
@@ -58,6 +56,7 @@ __all__ = [
     "DEFAULT_KL_BUDGET",
     "DEFAULT_KL_WEIGHT",
     "DEFAULT_OPTIMIZE_KWARGS",
+    "DEFAULT_REPETITION_CHECK",
     "DEFAULT_SCREEN_STEPS",
     "GENERIC_CHAT_PROMPTS",
     "GENERIC_PROMPTS",
@@ -100,6 +99,10 @@ DEFAULT_KL_WEIGHT = 1.0
 #: penalty within it; chosen on validation prompts among 14 signals (``benchmarks/bench_signal.py``, 8 tasks).
 DEFAULT_KL_BUDGET = 3.0
 
+#: auto_steer's last stage without a scorer: the choice generates 32 tokens on this many validation prompts and
+#: steps down to x0.75, then x0.5 of its strength while more than a quarter of them repeat themselves.
+DEFAULT_REPETITION_CHECK = 6
+
 #: Optimiser steps of auto_steer's screening stage (every candidate layer and norm cap gets this many).
 DEFAULT_SCREEN_STEPS = 8
 
@@ -119,49 +122,10 @@ def split_train_validation(items: Sequence[Any], val_fraction: float = 0.5, *, s
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
-@torch.no_grad()
-def residual_norms(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], layers: Sequence[int], *,
-                   chat: bool = False) -> dict[int, float]:
-    """Median L2 norm of the residual stream entering each block in ``layers`` over every token of
-    ``prompts`` except position 0 (small models put a massive activation on the first token).
-
-    A natural unit for steering strengths: a vector whose norm is a fraction of this barely moves the
-    model, one several times larger overwrites the stream.
-    """
-    prompts = check_prompts(prompts)
-    resolved = [arch.resolve_layer(model, x, name="layers") for x in layers]
-    dev = arch.input_device(model)
-    layer_list = list(dict.fromkeys(resolved))
-    blocks = [arch.get_site_module(model, x) for x in layer_list]
-    acc: dict[int, list[torch.Tensor]] = {x: [] for x in layer_list}
-    with frozen_model(model):
-        for p in prompts:
-            ids = torch.tensor([encode(tokenizer, format_prompt(tokenizer, p, chat=chat), special=True)], device=dev)
-            for x, h in zip(layer_list, capture_inputs(model, blocks, {"input_ids": ids, "use_cache": False})):
-                if h.shape[1] > 1:  # position 0 excluded
-                    acc[x].append(h[0, 1:].float().norm(dim=-1).cpu())
-    return {x: float(torch.cat(v).median()) if v else math.nan for x, v in acc.items()}
-
-
 def _default_layers(model: nn.Module) -> list[int]:
     """Candidate layers at 15%, 25%, 35% and 45% of the depth (see benchmarks/RESULTS.md for the measurement)."""
     n = arch.num_layers(model)
     return sorted({min(n - 1, max(0, round(f * n))) for f in (0.15, 0.25, 0.35, 0.45)})
-
-
-def _check_numbers(name: str, values: Any, *, allow_none: bool = False, positive: bool = False) -> list[Any]:
-    if isinstance(values, (int, float)) or values is None:
-        values = [values]
-    out = list(values)
-    if not out:
-        raise ValueError(f"`{name}` must be a non-empty list")
-    for v in out:
-        if v is None and allow_none:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
-            raise ValueError(f"`{name}` must contain finite{' positive' if positive else ''} numbers"
-                             f"{' or None' if allow_none else ''}, got {v!r}")
-    return out
 
 
 # ----------------------------------------------------------------------------------------- result
@@ -369,12 +333,12 @@ def sweep(
     elif method != "contrastive" and not callable(method):
         raise ValueError(f"`method` must be 'optimize', 'contrastive' or a callable, got {method!r}")
     layer_list = _default_layers(model) if layers is None else [
-        arch.resolve_layer(model, x, name="layers") for x in _check_numbers("layers", layers)]
+        arch.resolve_layer(model, x, name="layers") for x in validate.number_list("layers", layers)]
     if len(set(layer_list)) != len(layer_list):
         raise ValueError(f"`layers` contains duplicates: {layers!r}")
-    mults = _check_numbers("multipliers", multipliers)
-    norms = _check_numbers("max_norms", max_norms, allow_none=True, positive=True)
-    clamp_list = _check_numbers("clamps", clamps) if clamps else []
+    mults = validate.number_list("multipliers", multipliers)
+    norms = validate.number_list("max_norms", max_norms, allow_none=True, positive=True)
+    clamp_list = validate.number_list("clamps", clamps) if clamps else []
     validate.positive("time_budget_s", time_budget_s)
     validate.positive("kl_weight", kl_weight, allow_none=False, allow_zero=True)
     check_progress(progress)
@@ -475,6 +439,7 @@ def auto_steer(
     layers: Sequence[int] | None = None, multipliers: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
     norm_fractions: Sequence[float | None] = (None,), kl_weight: float = 0.0,
     kl_budget: float | None = DEFAULT_KL_BUDGET, calibrate_kl: float | None = None,
+    repetition_check: int | None = DEFAULT_REPETITION_CHECK,
     neutral_prompts: Sequence[Prompt] | None = DEFAULT_NEUTRAL_PROMPTS, optimize_kwargs: dict[str, Any] | None = None,
     screen_steps: int = DEFAULT_SCREEN_STEPS, finalists: int | None = None, strength_finalists: int | None = 1,
     seed: int = 0, progress: bool | None = None,
@@ -490,7 +455,8 @@ def auto_steer(
     multiplier, else the ``strength_finalists`` best are measured at the other multipliers; (3) with a ``scorer``,
     the 6 best rows by the signal are judged by generating (fluent success rate; ties: the signal); (4) with
     ``calibrate_kl`` and no scorer, a choice whose KL is over it is measured again at the strength where the KL is
-    ``calibrate_kl`` (:func:`~steering_opt.kl.calibrate_strength`), and that row is the choice.
+    ``calibrate_kl`` (:func:`~steering_opt.kl.calibrate_strength`), and that row is the choice; (5) without a
+    scorer, the repetition check (``repetition_check``).
 
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.
@@ -509,6 +475,11 @@ def auto_steer(
             keep the chosen strength; at 2 nats it did not improve held-out fluent success on the benchmark's tasks,
             see ``docs/benchmarks.md``). Needs ``neutral_prompts``; not used with a ``scorer`` (the judged strength
             is kept).
+        repetition_check: the signal cannot see repetition, so without a scorer the choice generates 32 tokens on
+            this many validation prompts (default :data:`DEFAULT_REPETITION_CHECK`; None or 0: no check); while more
+            than a quarter of the continuations repeat themselves (distinct-2 < 0.75, the evaluation's fluency rule,
+            whatever the language), it is measured again at x0.75, then x0.5 of its strength; the first that passes
+            is the choice (none: the least repetitive). Rows carry ``non_repetitive_rate``.
         optimize_kwargs: :func:`~steering_opt.optimize.optimize` options over :data:`AUTO_STEER_OPTIMIZE_KWARGS`
             (8 L-BFGS iterations; the recipe as before: ``{"optimizer": "adam", "lr": 0.1, "max_iters": 30}``).
         screen_steps, finalists: screening steps; configurations finished (None: all). With at most
@@ -530,8 +501,8 @@ def auto_steer(
     """
     datapoints = validate.datapoints(datapoints)
     validate.positive("time_budget_s", time_budget_s)
-    fracs = _check_numbers("norm_fractions", norm_fractions, allow_none=True, positive=True)
-    mults = _check_numbers("multipliers", multipliers)
+    fracs = validate.number_list("norm_fractions", norm_fractions, allow_none=True, positive=True)
+    mults = validate.number_list("multipliers", multipliers)
     validate.integer("screen_steps", screen_steps, 1)
     validate.integer("finalists", finalists, 1, allow_none=True)
     validate.integer("strength_finalists", strength_finalists, 1, allow_none=True)
@@ -545,7 +516,7 @@ def auto_steer(
     screen = screen_steps if full is None else min(screen_steps, full)
     start = time.perf_counter()
     layer_list = _default_layers(model) if layers is None else [
-        arch.resolve_layer(model, x, name="layers") for x in _check_numbers("layers", layers)]
+        arch.resolve_layer(model, x, name="layers") for x in validate.number_list("layers", layers)]
     chat = all(looks_like_chat(tokenizer, dp.prompt) for dp in datapoints)
     val: list[Prompt] = check_prompts(validation_prompts, "validation_prompts") \
         if validation_prompts is not None else list(GENERIC_CHAT_PROMPTS if chat else GENERIC_PROMPTS)
@@ -557,6 +528,7 @@ def auto_steer(
     per_token = sum(comp_tokens) / len(comp_tokens)
     validate.positive("kl_budget", kl_budget)
     validate.positive("calibrate_kl", calibrate_kl)
+    validate.integer("repetition_check", repetition_check, 0, allow_none=True)
     crit_fn = _criterion_fn("margin", float(kl_weight), kl_budget)
     norms_at: dict[int, float] = {}
     if any(f is not None for f in fracs):
@@ -642,11 +614,40 @@ def auto_steer(
                                       per_token, crit_fn))
                 best = table[-1]
                 notes.append(f"calibrate_kl: {was} lowered to x{m:.3g} (KL {best['kl']:.2f})")
+        if scorer_fn is None and repetition_check:
+            best = _repetition_check(Evaluator(model, tokenizer, val[:repetition_check], neutral_prompts=None,
+                                               chat=chat, max_new_tokens=32, fluency_lang=None), best, table,
+                                     vectors, notes, bar, lambda key, m, extra: _measure(
+                                         ev, vectors[key], key[0], key[1], [m], extra, per_token, crit_fn)[0])
     report = SweepResult(table=table, best=best, criterion=criterion, vectors=vectors, validation_prompts=val,
                          chat=chat, notes=notes, time_s=time.perf_counter() - start)
     steering = report.best_steering()
     steering.metadata["method"] = "auto_steer"
     return steering, report
+
+
+def _repetition_check(gen: Evaluator, best: dict[str, Any], table: list[dict], vectors: dict[tuple[int, str], Any],
+                      notes: list[str], bar: Any, measure: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """auto_steer's repetition check (see its ``repetition_check``): ``best`` generated by ``gen`` at x1, x0.75,
+    x0.5 of its strength until at most a quarter of the continuations repeat themselves; returns the chosen row."""
+    key, m0, tried = (best["layer"], best["variant"]), best["multiplier"], []
+    for f in (1.0, 0.75, 0.5):
+        bar.set_postfix(f"repetition check: layer {key[0]}, {key[1]} x{m0 * f:g}")
+        row = best if f == 1.0 else measure(key, m0 * f, {**{k: best[k] for k in (
+            "norm_fraction", "train_loss", "build_s", "steps")}, "stage": "repetition check"})
+        row["non_repetitive_rate"] = gen.evaluate(vectors[key], m0 * f).summary["fluent_rate"]
+        if f != 1.0:
+            table.append(row)
+        tried.append(row)
+        if row["non_repetitive_rate"] >= 0.75:
+            break
+    chosen = next((r for r in tried if r["non_repetitive_rate"] >= 0.75),
+                  max(tried, key=lambda r: r["non_repetitive_rate"]))
+    if chosen is not best:
+        notes.append(f"repetition check: x{m0:g} repeats itself on {1 - best['non_repetitive_rate']:.0%} of "
+                     f"{len(gen.prompts)} validation prompts; x{chosen['multiplier']:g} on "
+                     f"{1 - chosen['non_repetitive_rate']:.0%}")
+    return chosen
 
 
 def _budgeted(items: Sequence[Any], start: float, budget: float | None, notes: list[str], what: str,

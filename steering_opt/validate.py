@@ -172,3 +172,20 @@ def layers(m: nn.Module, layer: Any, name: str = "layer") -> list[int]:
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"`{name}` contains duplicate layers: {layer!r}")
     return resolved
+
+
+def number_list(name: str, values: Any, *, allow_none: bool = False, positive: bool = False) -> list[Any]:
+    """``values`` (one number or a non-empty sequence) as a list of finite numbers (``positive``: > 0; ``allow_none``:
+    None entries kept); a ValueError naming ``name`` otherwise."""
+    if isinstance(values, (int, float)) or values is None:
+        values = [values]
+    out = list(values)
+    if not out:
+        raise ValueError(f"`{name}` must be a non-empty list")
+    for v in out:
+        if v is None and allow_none:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"`{name}` must contain finite{' positive' if positive else ''} numbers"
+                             f"{' or None' if allow_none else ''}, got {v!r}")
+    return out

@@ -280,11 +280,11 @@ def test_auto_steer_saves_the_library_choice(capsys, model_dir: Path, data_dir: 
     from steering_opt.sweep import auto_steer
 
     out = run_ok(capsys, "auto-steer", "--model", model_dir, "--datapoints", data_dir / "dps.jsonl", "--layers",
-                 "1", "2", "--strengths", "1", "2", "--max-iters", "2", "--out", tmp_path / "v", "--output",
-                 tmp_path / "report.json")
+                 "1", "2", "--strengths", "1", "2", "--max-iters", "2", "--repetition-check", "0", "--out",
+                 tmp_path / "v", "--output", tmp_path / "report.json")
     model, tok = loaded
     ref_vec, ref = auto_steer(model, tok, so.load_datapoints(data_dir / "dps.jsonl"), layers=[1, 2],
-                              multipliers=[1, 2], optimize_kwargs={"max_iters": 2})
+                              multipliers=[1, 2], optimize_kwargs={"max_iters": 2}, repetition_check=0)
     doc = json.loads((tmp_path / "report.json").read_text())
     assert (doc["best"]["layer"], doc["best"]["multiplier"]) == (ref.best["layer"], ref.best["multiplier"])
     # both layers at strength 1, the better one also at 2 (unless x1 is already over the KL budget)
@@ -298,7 +298,7 @@ def test_auto_steer_saves_the_library_choice(capsys, model_dir: Path, data_dir: 
     # --calibrate-kl reaches auto_steer(calibrate_kl=...): the choice measured again at the lower strength
     target = doc["best"]["kl"] / 2
     out = run_ok(capsys, "auto-steer", "--model", model_dir, "--datapoints", data_dir / "dps.jsonl", "--layers",
-                 "1", "2", "--strengths", "1", "2", "--max-iters", "2", "--calibrate-kl", str(target), "--out",
+                 "1", "2", "--strengths", "1", "2", "--max-iters", "2", "--calibrate-kl", str(target), "--repetition-check", "0", "--out",
                  tmp_path / "v2", "--output", tmp_path / "report2.json")
     best = json.loads((tmp_path / "report2.json").read_text())["best"]
     assert best["stage"] == "calibrate" and best["kl"] == pytest.approx(target, rel=0.05)

@@ -12,6 +12,7 @@ import torch
 from steering_opt import SteeringVector, TrainingDatapoint
 from steering_opt.evaluate import Evaluator
 from steering_opt.plots import plot_success_vs_strength, plot_sweep_heatmap
+from steering_opt.scorers import distinct_n
 from steering_opt.sweep import (
     GENERIC_CHAT_PROMPTS,
     GENERIC_PROMPTS,
@@ -222,7 +223,7 @@ def test_auto_steer_returns_scaled_vector_and_table(tiny_llama, tokenizer) -> No
     before = _state(tiny_llama)
     vec, report = auto_steer(tiny_llama, tokenizer, [DP], validation_prompts=VAL, layers=[1, 2],
                              multipliers=[0.5, 1.0], norm_fractions=[None, 0.5], neutral_prompts=NEUTRAL,
-                             optimize_kwargs=FAST, strength_finalists=2, kl_budget=None)
+                             optimize_kwargs=FAST, strength_finalists=2, kl_budget=None, repetition_check=None)
     assert _state(tiny_llama) == before
     assert isinstance(vec, SteeringVector) and vec.metadata["method"] == "auto_steer"
     # every (layer, cap) at strength 1, the two best of those (strength_finalists=2) also at 0.5
@@ -233,7 +234,7 @@ def test_auto_steer_returns_scaled_vector_and_table(tiny_llama, tokenizer) -> No
         sorted((r["layer"], r["variant"]) for r in at_one[:2])
     _, full = auto_steer(tiny_llama, tokenizer, [DP], validation_prompts=VAL, layers=[1, 2], multipliers=[0.5, 1.0],
                          norm_fractions=[None, 0.5], neutral_prompts=NEUTRAL, optimize_kwargs=FAST,
-                         strength_finalists=None)
+                         strength_finalists=None, repetition_check=None)
     assert len(full.table) == 2 * 2 * 2
     b = report.best
     assert b is max(report.table, key=lambda r: (r["criterion"], -r["kl"], -abs(r["multiplier"])))
@@ -247,7 +248,7 @@ def test_auto_steer_returns_scaled_vector_and_table(tiny_llama, tokenizer) -> No
 
 def test_auto_steer_kl_budget_ranks_rows_over_it_last(tiny_llama, tokenizer) -> None:
     kw = dict(validation_prompts=VAL, layers=[1, 2], multipliers=[0.5, 1.0, 2.0], neutral_prompts=NEUTRAL,
-              optimize_kwargs=FAST, strength_finalists=None)
+              optimize_kwargs=FAST, strength_finalists=None, repetition_check=None)
     _, free = auto_steer(tiny_llama, tokenizer, [DP], **kw)
     kls = sorted(r["kl"] for r in free.table)
     _, none_fit = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=kls[0] / 2, **kw)
@@ -268,7 +269,7 @@ def test_auto_steer_kl_budget_ranks_rows_over_it_last(tiny_llama, tokenizer) -> 
 
 def test_auto_steer_does_not_measure_strengths_above_one_over_the_budget(tiny_llama, tokenizer) -> None:
     kw = dict(validation_prompts=VAL, layers=[1, 2], multipliers=[0.5, 1.0, 1.5, 2.0], neutral_prompts=NEUTRAL,
-              optimize_kwargs=FAST)
+              optimize_kwargs=FAST, repetition_check=None)
     _, free = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=None, strength_finalists=None, **kw)
     kl = {(r["layer"], r["multiplier"]): r["kl"] for r in free.table}
     best_layer = max((r for r in free.table if r["multiplier"] == 1.0), key=lambda r: r["criterion"])["layer"]
@@ -287,7 +288,7 @@ def test_auto_steer_ranking_by_margin_within_the_budget_skips_weaker_strengths(t
     """kl_weight=0, no scorer: x0.5 cannot beat a positive-margin x1 within the budget, so it is not measured;
     with a KL penalty (or x1 over the budget) it is."""
     kw = dict(validation_prompts=VAL, layers=[1, 2], multipliers=[0.5, 1.0, 2.0], neutral_prompts=NEUTRAL,
-              optimize_kwargs=FAST)
+              optimize_kwargs=FAST, repetition_check=None)
     _, rep = auto_steer(tiny_llama, tokenizer, [DP], kl_budget=1e6, **kw)
     top = max((r for r in rep.table if r["multiplier"] == 1.0), key=lambda r: r["criterion"])
     assert top["margin_gain"] > 0 and top["kl"] <= 1e6
@@ -301,7 +302,7 @@ def test_auto_steer_ranking_by_margin_within_the_budget_skips_weaker_strengths(t
 
 def test_auto_steer_calibrates_the_chosen_strength_down_to_calibrate_kl(tiny_llama, tokenizer) -> None:
     kw = dict(validation_prompts=VAL, layers=[1, 2], multipliers=[1.0], neutral_prompts=NEUTRAL,
-              optimize_kwargs=FAST, kl_budget=None)
+              optimize_kwargs=FAST, kl_budget=None, repetition_check=None)
     before = _state(tiny_llama)
     _, kept = auto_steer(tiny_llama, tokenizer, [DP], calibrate_kl=None, **kw)
     chosen = kept.best
@@ -322,6 +323,36 @@ def test_auto_steer_calibrates_the_chosen_strength_down_to_calibrate_kl(tiny_lla
     for bad in (0, -1.0, float("nan"), "2"):
         with pytest.raises((ValueError, TypeError), match="calibrate_kl"):
             auto_steer(tiny_llama, tokenizer, [DP], calibrate_kl=bad, **kw)
+
+
+def test_auto_steer_repetition_check_steps_the_strength_down(tiny_llama, tokenizer) -> None:
+    """Without a scorer the choice generates on the first validation prompts; while over a quarter of them repeat
+    themselves it is measured at x0.75, then x0.5 of its strength (tiny random models loop, so it steps down)."""
+    kw = dict(validation_prompts=VAL, layers=[1, 2], multipliers=[1.0, 2.0], neutral_prompts=NEUTRAL,
+              optimize_kwargs=FAST, kl_budget=None)
+    before = _state(tiny_llama)
+    _, plain = auto_steer(tiny_llama, tokenizer, [DP], repetition_check=None, **kw)
+    vec, rep = auto_steer(tiny_llama, tokenizer, [DP], repetition_check=2, **kw)
+    assert _state(tiny_llama) == before
+    first, key = plain.best, (plain.best["layer"], plain.best["variant"])
+    checked = [r for r in rep.table if "non_repetitive_rate" in r]
+    assert [r["multiplier"] for r in checked] == [first["multiplier"] * f for f in (1.0, 0.75, 0.5)][:len(checked)]
+    assert all((r["layer"], r["variant"]) == key for r in checked)
+    assert all(r["stage"] == "repetition check" for r in checked[1:])
+    # each rate is the share of continuations with distinct-2 >= 0.75 on the first two validation prompts
+    gen = Evaluator(tiny_llama, tokenizer, VAL[:2], neutral_prompts=None, max_new_tokens=32, fluency_lang=None)
+    for r in checked:
+        texts = [x["steered"] for x in gen.evaluate(rep.vectors[key], r["multiplier"]).records]
+        assert r["non_repetitive_rate"] == sum(distinct_n(x, 2) >= 0.75 for x in texts) / 2
+    passing = [r for r in checked if r["non_repetitive_rate"] >= 0.75]
+    assert rep.best is (passing[0] if passing else max(checked, key=lambda r: r["non_repetitive_rate"]))
+    assert len(passing) <= 1 and (not passing or passing[0] is checked[-1])  # it stops at the first that passes
+    assert (rep.best is checked[0]) == (not any(n.startswith("repetition check:") for n in rep.notes))
+    raw = rep.vectors[key]
+    assert torch.allclose(vec.layer_activations[key[0]], raw.layer_activations[key[0]] * rep.best["multiplier"])
+    for bad in (-1, 1.5, "3"):
+        with pytest.raises((ValueError, TypeError), match="repetition_check"):
+            auto_steer(tiny_llama, tokenizer, [DP], repetition_check=bad, **kw)
 
 
 def test_auto_steer_with_scorer_and_budget(tiny_llama, tokenizer) -> None:
@@ -362,7 +393,8 @@ def test_auto_steer_screens_then_finishes_and_counts_configurations(tiny_llama, 
     monkeypatch.setattr(sweep_module, "overall", spy)
     _, report = auto_steer(tiny_llama, tokenizer, [DP], validation_prompts=VAL, layers=[0, 1, 2],
                            multipliers=[0.5, 1.0], neutral_prompts=NEUTRAL, screen_steps=2, finalists=1,
-                           optimize_kwargs={"lr": 0.1, "max_iters": 5, "plateau_patience": None}, progress=False)
+                           optimize_kwargs={"lr": 0.1, "max_iters": 5, "plateau_patience": None}, progress=False,
+                           repetition_check=None)
     (bar,) = bars
     assert bar.n == bar.total == 3 + 1  # three screened configurations, one finished
     stages = {(r["layer"], r["stage"], r["steps"]) for r in report.table}
