@@ -298,8 +298,8 @@ def test_auto_steer_saves_the_library_choice(capsys, model_dir: Path, data_dir: 
     # --calibrate-kl reaches auto_steer(calibrate_kl=...): the choice measured again at the lower strength
     target = doc["best"]["kl"] / 2
     out = run_ok(capsys, "auto-steer", "--model", model_dir, "--datapoints", data_dir / "dps.jsonl", "--layers",
-                 "1", "2", "--strengths", "1", "2", "--max-iters", "2", "--calibrate-kl", str(target), "--repetition-check", "0", "--out",
-                 tmp_path / "v2", "--output", tmp_path / "report2.json")
+                 "1", "2", "--strengths", "1", "2", "--max-iters", "2", "--calibrate-kl", str(target),
+                 "--repetition-check", "0", "--out", tmp_path / "v2", "--output", tmp_path / "report2.json")
     best = json.loads((tmp_path / "report2.json").read_text())["best"]
     assert best["stage"] == "calibrate" and best["kl"] == pytest.approx(target, rel=0.05)
     assert (best["layer"], best["variant"]) == (layer, ref.best["variant"]) and "Note: calibrate_kl:" in out
