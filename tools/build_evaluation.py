@@ -80,8 +80,10 @@ strength.plot_strength("success_rate")"""),
 It optimises a vector at each candidate layer (default: 15/25/35/45% of the depth; two here to keep the
 notebook short) with 8 L-BFGS iterations, measures each at strength 1 on the generic validation prompts by the
 promoted completions' log-prob gain over the suppressed ones (nats per token), and the best one also at the
-other strengths; configurations whose KL on neutral prompts exceeds `kl_budget` (3 nats) rank last. It
-returns the best vector already scaled, with the table it chose from. Pass `scorer=` to judge the best
+other strengths; configurations whose KL on neutral prompts exceeds `kl_budget` (3 nats) rank last. Last, the
+choice generates a few tokens on six validation prompts and is weakened (×0.75, ×0.5) while it makes the model
+repeat itself (the log-prob signal cannot see that). It returns the best vector already scaled, with the table it
+chose from. Pass `scorer=` to judge the best
 candidates by generation instead, and `time_budget_s=` to bound the time."""),
     ("code", """auto_vector, report = steering_opt.auto_steer(model, tokenizer, [datapoint], layers=[4, 8],
                                               multipliers=[0.5, 0.75, 1.0, 1.5], time_budget_s=120)
