@@ -38,7 +38,6 @@ import quality_tasks  # noqa: E402
 
 import steering_opt as so  # noqa: E402
 from steering_opt.evaluate import DEFAULT_NEUTRAL_PROMPTS, Evaluator  # noqa: E402
-from steering_opt.passes import format_prompt  # noqa: E402
 from steering_opt.sweep import DEFAULT_KL_BUDGET, GENERIC_CHAT_PROMPTS, GENERIC_PROMPTS  # noqa: E402
 
 
@@ -47,8 +46,7 @@ def emit(obj: dict[str, Any]) -> None:
 
 
 def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Namespace) -> dict[str, Any]:
-    dp = so.TrainingDatapoint(format_prompt(tok, task.prompt, chat=task.chat), src_completions=[task.src],
-                              dst_completions=[task.dst])
+    dp = task.datapoint(tok)
     val = list(GENERIC_CHAT_PROMPTS if task.chat else GENERIC_PROMPTS)[: args.val_prompts]
     judge = Evaluator(model, tok, val, scorer=task.scorer, chat=task.chat, max_new_tokens=args.max_new_tokens,
                       fluency_lang=task.lang, promote=[task.dst], suppress=[task.src])

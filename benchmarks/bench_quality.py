@@ -90,8 +90,8 @@ def rescore(res: Any, texts: list[str], task: quality_tasks.Task) -> None:
 def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Namespace) -> dict[str, Any]:
     t_task = time.perf_counter()
     layer = args.layer
-    ptxt = format_prompt(tok, task.prompt, chat=task.chat)
-    dp = so.TrainingDatapoint(ptxt, src_completions=[task.src], dst_completions=[task.dst])
+    dp = task.datapoint(tok)
+    ptxt = dp.prompt
     test_prompts = task.test_prompts[: args.n_prompts]
     ev = Evaluator(model, tok, test_prompts, scorer=task.scorer, promote=[task.dst], suppress=[task.src],
                    chat=task.chat, max_new_tokens=args.max_new_tokens, fluency_lang=task.lang)
@@ -224,15 +224,16 @@ def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Name
         if not want(name):
             continue
         t0 = time.perf_counter()
-        vec = train_steering_vector(model, tok, pairs, layers=[layer], read_token_index=-1)
-        tuned = so.sweep(model, tok, [dp], layers=[layer], multipliers=CAA_MULTIPLIERS,
+        # steering-vectors' decoder_block layer L (block L's output) is steering_opt's layer L + 1 (its input)
+        vec = train_steering_vector(model, tok, pairs, layers=[layer], read_token_index=-1).to_steering_opt(model)
+        tuned = so.sweep(model, tok, [dp], layers=[layer + 1], multipliers=CAA_MULTIPLIERS,
                          method=lambda m, t, tr, lay, _v=vec, **o: _v,
                          validation_prompts=list(GENERIC_CHAT_PROMPTS if task.chat else GENERIC_PROMPTS)[:6],
                          chat=task.chat, scorer=task.scorer, max_new_tokens=24, neutral_prompts=None)
         mult = tuned.best["multiplier"]
         build = time.perf_counter() - t0
         res = ev.evaluate(vec, mult, label=name)
-        rows.append(_summary_row(name, res, {"layer": layer, "norm": float(vec.layer_activations[layer].norm()),
+        rows.append(_summary_row(name, res, {"layer": layer, "norm": float(vec.layer_activations[layer + 1].norm()),
                                              "multiplier": mult, "build_s": build,
                                              "validation": [(r["multiplier"], r["fluent_success_rate"])
                                                             for r in tuned.table]}))

@@ -41,7 +41,6 @@ import quality_tasks  # noqa: E402
 import steering_opt as so  # noqa: E402
 from steering_opt.evaluate import Evaluator  # noqa: E402
 from steering_opt.fsutil import atomic_write_file  # noqa: E402
-from steering_opt.passes import format_prompt  # noqa: E402
 from steering_opt.sweep import AUTO_STEER_OPTIMIZE_KWARGS, GENERIC_CHAT_PROMPTS, GENERIC_PROMPTS  # noqa: E402
 
 #: name -> (row -> score); the first is the reference ``--test`` compares with (ties go to the earlier signal).
@@ -61,8 +60,7 @@ def emit(obj: dict[str, Any]) -> None:
 
 def grid(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Namespace) -> list[dict[str, Any]]:
     """auto_steer's grid for ``task``, every row judged by generating on the validation prompts."""
-    dp = so.TrainingDatapoint(format_prompt(tok, task.prompt, chat=task.chat), src_completions=[task.src],
-                              dst_completions=[task.dst])
+    dp = task.datapoint(tok)
     val = list(GENERIC_CHAT_PROMPTS if task.chat else GENERIC_PROMPTS)
     t = time.perf_counter()
     res = so.sweep(model, tok, [dp], validation_prompts=val, chat=task.chat, scorer=task.scorer, generate=True,
@@ -97,8 +95,7 @@ def leave_one_out(grids: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
 def judge_on_test(model: Any, tok: Any, task: quality_tasks.Task, choice: dict[str, Any],
                   args: argparse.Namespace) -> dict[str, Any]:
     """The left-out choice rebuilt (same optimiser and seed) and judged on the task's first ``--test`` prompts."""
-    dp = so.TrainingDatapoint(format_prompt(tok, task.prompt, chat=task.chat), src_completions=[task.src],
-                              dst_completions=[task.dst])
+    dp = task.datapoint(tok)
     r = so.optimize(model, tok, [dp], choice["layer"], seed=0, progress=False, **AUTO_STEER_OPTIMIZE_KWARGS)
     ev = Evaluator(model, tok, task.test_prompts[: args.test], scorer=task.scorer, chat=task.chat,
                    max_new_tokens=args.max_new_tokens, fluency_lang=task.lang, neutral_prompts=None)

@@ -43,7 +43,6 @@ import quality_tasks  # noqa: E402
 
 import steering_opt as so  # noqa: E402
 from steering_opt.evaluate import Evaluator  # noqa: E402
-from steering_opt.passes import format_prompt  # noqa: E402
 
 RECIPE = {"optimizer": "adam", "lr": 0.1, "max_iters": 30, "plateau_patience": None}
 
@@ -93,8 +92,7 @@ def make_judge(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Na
 
 def run_task(model: Any, tok: Any, task: quality_tasks.Task, args: argparse.Namespace) -> list[dict[str, Any]]:
     device = next(model.parameters()).device
-    dp = so.TrainingDatapoint(format_prompt(tok, task.prompt, chat=task.chat), src_completions=[task.src],
-                              dst_completions=[task.dst])
+    dp = task.datapoint(tok)
     ev = Evaluator(model, tok, task.test_prompts[: args.n_test], promote=[task.dst], suppress=[task.src],
                    chat=task.chat, generate=False)
     ev.baseline()
@@ -171,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_methods:
             rows += run_task(model, tok, task, args)
         if not args.no_auto:
-            dp = so.TrainingDatapoint(format_prompt(tok, task.prompt, chat=task.chat), src_completions=[task.src],
-                                      dst_completions=[task.dst])
+            dp = task.datapoint(tok)
             t = time.perf_counter()
             vec, report = so.auto_steer(model, tok, [dp], seed=0, progress=False, **json.loads(args.auto_kwargs))
             wall = round(time.perf_counter() - t, 1)

@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from steering_opt.data import TrainingDatapoint
+from steering_opt.passes import format_prompt
 from steering_opt.scorers import KeywordScorer, LanguageScorer, RefusalScorer, SentimentScorer
 
 TUTORIAL_PROMPT = (
@@ -47,6 +49,12 @@ class Task:
         if self.chat:
             return [{"role": "system", "content": self.instruction}, {"role": "user", "content": prompt}]
         return f"{self.instruction}\n\n{prompt}"
+
+    def datapoint(self, tokenizer: Any) -> TrainingDatapoint:
+        """The task's one training datapoint: its prompt (chat-formatted for chat tasks), ``src`` suppressed,
+        ``dst`` promoted."""
+        return TrainingDatapoint(format_prompt(tokenizer, self.prompt, chat=self.chat), src_completions=[self.src],
+                                 dst_completions=[self.dst])
 
     def ceiling_inputs(self, n: int) -> list[tuple[Any, str]]:
         """The first ``n`` ceiling inputs: ``(prompt, forced first words)``."""
